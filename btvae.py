@@ -6,7 +6,8 @@ Latent Space in Variational Autoencoders".
 The idea in one picture (the paper's Figure 1):
 
     x_gt --encoder--> z_gt --decoder--> x_recon --encoder--> z_recon
-                       \______ Barlow Twins loss ______/
+                       |                                      |
+                       +---------- Barlow Twins loss ---------+
 
 An image and its own reconstruction should carry the same features, so BTVAE
 treats them as two "distorted views" of one sample, as Barlow Twins
@@ -52,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 from torchvision.utils import save_image
 
 
@@ -216,7 +217,7 @@ class Split:
 
 VALIDATION_IMAGES = 5000  # held out of the training set where there is no official validation split
 HOLDOUT_SEED = 0  # fixed, so every run of a sweep validates on the same images whatever its --seed
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def to_model_range(images_uint8):
@@ -237,6 +238,12 @@ def square_resize(images, size):
     if images.shape[-1] != size:
         images = TF.resize(images, [size, size], antialias=True)
     return images
+
+
+def read_rgb(path):
+    """One image file as a uint8 3 x H x W tensor (Pillow: torchvision's own decoders are deprecated)."""
+    with Image.open(path) as image:
+        return TF.pil_to_tensor(image.convert("RGB"))
 
 
 def download_or_explain(make_dataset, name, needed, data_dir):
@@ -322,7 +329,7 @@ def load_celeba(data_dir, size, cache_dir):
         print(f"decoding {len(names)} CelebA {split_name} images once (cached in {cache_file})", flush=True)
         images = torch.empty(len(names), 3, size, size, dtype=torch.uint8)
         for i, name in enumerate(names):
-            image = decode_image(str(folder / "img_align_celeba" / name), mode=ImageReadMode.RGB)
+            image = read_rgb(folder / "img_align_celeba" / name)
             images[i] = square_resize(TF.center_crop(image, [CELEBA_CROP, CELEBA_CROP]), size)
         save_to_cache(images, cache_file)
         splits.append(Split(images))
@@ -338,7 +345,7 @@ def load_folder(data_dir, size):
     images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     for i, path in enumerate(paths):
         try:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
+            image = read_rgb(path)
         except Exception as error:
             raise UsageError(f"cannot decode image {path} ({first_line(error)}); remove or replace it") from None
         images[i] = square_resize(image, size)
@@ -373,10 +380,12 @@ def load_data(cfg):
             if len(everything) < 10:
                 raise UsageError(f"--data-dir {data_dir} has only {len(everything)} images; "
                                  "a folder data set needs at least 10 (train, validation and test)")
-            train, test = holdout(everything, min(VALIDATION_IMAGES, len(everything) // 10))
+            held_out = min(VALIDATION_IMAGES, len(everything) // 10)
+            train, test = holdout(everything, held_out)
         else:
             train, test = load_mnist(data_dir) if cfg.dataset == "mnist" else load_cifar10(data_dir)
-        train, val = holdout(train, min(VALIDATION_IMAGES, len(train) // 10))
+            held_out = min(VALIDATION_IMAGES, len(train) // 10)
+        train, val = holdout(train, held_out)
     train, val, test = (Split(square_resize(s.images, size), s.labels) for s in (train, val, test))
     if cfg.subset is not None:
         train = train.take(slice(0, cfg.subset))

@@ -1,0 +1,618 @@
+"""Tests for btvae.py. Offline, no files from ../shared: every data set is fabricated here
+in the exact on-disk format the real one has, and FID uses a small stand-in network.
+
+Run: python -m pytest -q
+"""
+
+import json
+import math
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import btvae
+
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------
+# Fabricated data sets, in the layouts torchvision (and btvae.py) read
+# ---------------------------------------------------------------------------
+
+def write_idx(path, array):
+    """MNIST's idx format: magic (0x08 = uint8, then the number of dimensions), big-endian sizes, raw bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.asarray(array, dtype=np.uint8)
+    with open(path, "wb") as file:
+        file.write(struct.pack(">I", 0x0800 | array.ndim))
+        file.write(struct.pack(f">{array.ndim}I", *array.shape))
+        file.write(array.tobytes())
+
+
+def blob_images(count, channels, height, width, seed):
+    """Images with structure (a bright rectangle on a dark ground), so models have something to learn."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 40, size=(count, channels, height, width), dtype=np.uint8)
+    for image in images:
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        image[:, top:top + height // 3, left:left + width // 3] = rng.integers(150, 256, size=(channels, 1, 1))
+    return images
+
+
+def save(image, path, format=None):
+    """A C x H x W uint8 array as an image file; the format follows the suffix unless given."""
+    array = np.asarray(image).transpose(1, 2, 0)
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path, format=format)
+
+
+def make_mnist(root, train=200, test=60):
+    raw = root / "MNIST" / "raw"
+    for prefix, count, seed in (("train", train, 1), ("t10k", test, 2)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", blob_images(count, 1, 28, 28, seed)[:, 0])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
+    return root
+
+
+def make_cifar10(root, per_batch=20, test=30):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        count = test if name == "test_batch" else per_batch
+        images = blob_images(count, 3, 32, 32, seed=10 + i)
+        images[0, 0], images[0, 1], images[0, 2] = 0, 100, 200  # channel order marker: R, G, B planes
+        batch = {b"batch_label": name.encode(), b"labels": [j % 10 for j in range(count)],
+                 b"data": images.reshape(count, 3072), b"filenames": [b"x.png"] * count}
+        with open(folder / name, "wb") as file:
+            pickle.dump(batch, file)
+    return root
+
+
+def make_celeba(root, counts=(24, 6, 8)):
+    folder = root / "celeba"
+    (folder / "img_align_celeba").mkdir(parents=True)
+    lines, number = [], 0
+    for code, count in enumerate(counts):
+        images = blob_images(count, 3, 218, 178, seed=20 + code)  # CelebA's aligned images are 178 wide, 218 high
+        for image in images:
+            number += 1
+            name = f"{number:06d}.jpg"
+            save(image, folder / "img_align_celeba" / name)
+            lines.append(f"{name} {code}")
+    (folder / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_folder(root, count=30):
+    """Mixed sizes, formats and depths, a grayscale PNG and a file that is not an image."""
+    for i, image in enumerate(blob_images(count, 3, 40, 56, seed=30)):
+        sub = root / ("a" if i % 2 else "b/c")
+        sub.mkdir(parents=True, exist_ok=True)
+        if i == 0:
+            save(image[:1], sub / "gray.png")
+        else:
+            save(image, sub / (f"{i}.png" if i % 3 else f"{i}.JPG"))
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def config(*argv):
+    return btvae.parse_config([str(a) for a in argv])
+
+
+# ---------------------------------------------------------------------------
+# Model shapes
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels, size, hidden_dims", [
+    (1, 32, (16, 32, 64, 128, 256)),
+    (3, 32, (16, 32, 64, 128, 256)),
+    (3, 64, (16, 32, 64, 128, 256)),
+    (3, 24, (8, 12, 20)),
+])
+def test_encoder_decoder_and_loss_shapes(channels, size, hidden_dims):
+    model = btvae.ConvVAE(channels, size, hidden_dims, latent_dim=7)
+    x = torch.rand(5, channels, size, size)
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (5, 7)
+    x_recon = model.decode(btvae.reparameterise(mu, logvar))
+    assert x_recon.shape == x.shape
+    assert 0 <= x_recon.min() and x_recon.max() <= 1  # Sigmoid output, the data's range
+    terms = btvae.btvae_loss(model, x, lam1=0.1, lam2=0.1)
+    assert all(terms[name].shape == () for name in btvae.LOSS_TERMS)
+
+
+def test_model_rejects_image_size_not_divisible():
+    with pytest.raises(ValueError, match="divisible"):
+        btvae.ConvVAE(1, 30, (16, 32), latent_dim=4)
+
+
+# ---------------------------------------------------------------------------
+# The KL term of Eq. 2
+# ---------------------------------------------------------------------------
+
+def test_kl_is_zero_for_the_prior_itself():
+    assert btvae.kl_to_standard_normal(torch.zeros(4, 6), torch.zeros(4, 6)).item() == 0
+
+
+def test_kl_closed_form_on_known_values():
+    # mu = 1, sigma = 1: 1/2 per dimension. mu = 0, sigma^2 = 4: 1/2 (4 - 1 - log 4) per dimension.
+    assert btvae.kl_to_standard_normal(torch.ones(3, 5), torch.zeros(3, 5)).item() == pytest.approx(2.5)
+    logvar = torch.full((3, 5), math.log(4))
+    expected = 5 * 0.5 * (4 - 1 - math.log(4))
+    assert btvae.kl_to_standard_normal(torch.zeros(3, 5), logvar).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_matches_monte_carlo_estimate():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(2, 4) * 0.8, torch.randn(2, 4) * 0.5
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros(2, 4), torch.ones(2, 4))
+    z = q.sample((400_000,))
+    monte_carlo = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean()  # mean over samples and batch
+    assert btvae.kl_to_standard_normal(mu, logvar).item() == pytest.approx(monte_carlo.item(), rel=0.02)
+
+
+# ---------------------------------------------------------------------------
+# The Barlow Twins loss of Eq. 3 and its identities (NOTES.md)
+# ---------------------------------------------------------------------------
+
+def test_barlow_twins_is_symmetric():
+    torch.manual_seed(1)
+    a, b = torch.randn(32, 8), torch.randn(32, 8)
+    assert btvae.barlow_twins_loss(a, b).item() == pytest.approx(btvae.barlow_twins_loss(b, a).item(), rel=1e-6)
+
+
+def test_barlow_twins_diagonal_term_vanishes_for_identical_inputs():
+    torch.manual_seed(2)
+    z = torch.randn(64, 10)
+    loss_without_offdiagonal = btvae.barlow_twins_loss(z, z, offdiag_weight=0).item()
+    variance = z.var(0, unbiased=False)
+    expected = ((1 - variance / (variance + btvae.BT_EPS)) ** 2).sum().item()  # C_ii = var / (var + eps)
+    assert loss_without_offdiagonal == pytest.approx(expected, abs=1e-9)
+    assert loss_without_offdiagonal < 1e-8
+    # and for unrelated inputs the diagonal term is far from zero
+    assert btvae.barlow_twins_loss(z, torch.randn(64, 10), offdiag_weight=0).item() > 5
+
+
+def test_barlow_twins_is_invariant_to_shifting_and_scaling_features():
+    torch.manual_seed(3)
+    a, b = torch.randn(50, 6), torch.randn(50, 6) + 0.5 * torch.randn(50, 1)
+    scale, shift = torch.rand(6) * 3 + 0.5, torch.randn(6) * 10
+    original = btvae.barlow_twins_loss(a, b).item()
+    assert btvae.barlow_twins_loss(a * scale + shift, b).item() == pytest.approx(original, rel=1e-4)
+    assert btvae.barlow_twins_loss(a, b * scale.flip(0) - shift).item() == pytest.approx(original, rel=1e-4)
+
+
+def test_barlow_twins_off_diagonal_part_has_d_times_d_minus_one_terms():
+    # Every feature a copy of one column: every C_ij is the same, var / (var + eps), on and off the diagonal.
+    torch.manual_seed(4)
+    dims = 9
+    z = torch.randn(40, 1).repeat(1, dims)
+    c = (z[:, 0].var(unbiased=False) / (z[:, 0].var(unbiased=False) + btvae.BT_EPS)).item()
+    off_diagonal_only = btvae.barlow_twins_loss(z, z, offdiag_weight=1).item() - btvae.barlow_twins_loss(z, z, 0).item()
+    assert off_diagonal_only == pytest.approx(dims * (dims - 1) * c * c, rel=1e-5)
+
+
+def test_barlow_twins_equals_a_plain_double_loop_over_eq3():
+    torch.manual_seed(5)
+    n, d, delta = 16, 5, 0.37
+    a, b = torch.randn(n, d).double(), torch.randn(n, d).double()
+
+    def standardised(z, i):
+        column = [z[k, i].item() for k in range(n)]
+        mean = sum(column) / n
+        variance = sum((v - mean) ** 2 for v in column) / n
+        return [(v - mean) / math.sqrt(variance + 1e-5) for v in column]
+
+    sa, sb = [standardised(a, i) for i in range(d)], [standardised(b, i) for i in range(d)]
+    c = [[sum(sa[i][k] * sb[j][k] for k in range(n)) / n for j in range(d)] for i in range(d)]
+    expected = sum((1 - c[i][i]) ** 2 for i in range(d)) + delta * sum(
+        c[i][j] ** 2 for i in range(d) for j in range(d) if j != i)
+    assert btvae.barlow_twins_loss(a, b, delta).item() == pytest.approx(expected, rel=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# The BTVAE objective, Eq. 4
+# ---------------------------------------------------------------------------
+
+def small_model_and_batch(channels=1):
+    torch.manual_seed(6)
+    return btvae.ConvVAE(channels, 16, (8, 16), latent_dim=6), torch.rand(12, channels, 16, 16)
+
+
+@pytest.mark.parametrize("bt_on", ["mu", "z", "mu+logvar"])
+def test_objective_is_the_weighted_sum_of_its_parts(bt_on):
+    model, x = small_model_and_batch()
+    terms = btvae.btvae_loss(model, x, lam1=0.3, lam2=0.7, bt_on=bt_on, bt_offdiag=0.01)
+    assert terms["bt"].item() > 0
+    assert terms["loss"].item() == pytest.approx(
+        terms["recon"].item() + 0.3 * terms["kl"].item() + 0.7 * terms["bt"].item(), rel=1e-6)
+
+
+def test_bt_on_selects_what_the_barlow_twins_loss_compares():
+    model, x = small_model_and_batch()
+    model.eval()  # BatchNorm with running statistics: the encoder is then a fixed function of its input
+    torch.manual_seed(7)
+    terms = btvae.btvae_loss(model, x, lam1=0, lam2=1, bt_on="mu+logvar", bt_offdiag=0.01)
+    torch.manual_seed(7)
+    mu, logvar = model.encode(x)
+    x_recon = model.decode(btvae.reparameterise(mu, logvar))
+    mu_r, logvar_r = model.encode(x_recon)
+    expected = btvae.barlow_twins_loss(mu, mu_r, 0.01) + btvae.barlow_twins_loss(logvar, logvar_r, 0.01)
+    assert terms["bt"].item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.manual_seed(7)
+    assert btvae.btvae_loss(model, x, 0, 1, "mu", 0.01)["bt"].item() == pytest.approx(
+        btvae.barlow_twins_loss(mu, mu_r, 0.01).item(), rel=1e-6)
+
+
+def test_lam2_zero_is_exactly_the_vae_and_skips_the_re_encoding():
+    model, x = small_model_and_batch()
+    encoder_calls = []
+    model.encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
+    torch.manual_seed(8)
+    terms = btvae.btvae_loss(model, x, lam1=0.5, lam2=0)
+    assert len(encoder_calls) == 1
+    torch.manual_seed(8)
+    mu, logvar = model.encode(x)
+    vae_loss = torch.nn.functional.mse_loss(model.decode(btvae.reparameterise(mu, logvar)), x) \
+        + 0.5 * btvae.kl_to_standard_normal(mu, logvar)
+    assert terms["bt"].item() == 0
+    assert terms["loss"].item() == vae_loss.item()
+
+
+def test_barlow_twins_gradient_reaches_encoder_and_decoder():
+    model, x = small_model_and_batch()
+    terms = btvae.btvae_loss(model, x, lam1=0, lam2=1)
+    terms["bt"].backward()
+    assert model.to_mu.weight.grad.abs().sum() > 0
+    assert model.from_latent.weight.grad.abs().sum() > 0  # through x_recon, into the decoder
+
+
+# ---------------------------------------------------------------------------
+# Data loaders, on fabricated files, through the same load_data a run uses
+# ---------------------------------------------------------------------------
+
+def test_mnist_loader(tmp_path):
+    make_mnist(tmp_path, train=200, test=60)
+    train, val, test = btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path))
+    assert (len(train), len(val), len(test)) == (180, 20, 60)  # a tenth held out when under 50,000 images
+    for split in (train, val, test):
+        assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (1, 32, 32)
+    source = torch.from_numpy(blob_images(60, 1, 28, 28, seed=2))
+    assert torch.equal(test.images[:, :, 2:30, 2:30], source)  # padded by 2, pixels untouched
+    assert test.images[:, :, :2].max() == 0
+    assert torch.equal(test.labels, torch.arange(60) % 10)
+    # the validation images are part of the training file, and not in the training split
+    all_train = torch.from_numpy(blob_images(200, 1, 28, 28, seed=1))
+    train_rows = {bytes(im[0, 2:30, 2:30].flatten().tolist()) for im in train.images}
+    val_rows = {bytes(im[0, 2:30, 2:30].flatten().tolist()) for im in val.images}
+    assert not train_rows & val_rows and len(train_rows | val_rows) == len({bytes(im.flatten().tolist()) for im in all_train})
+
+
+def test_holdout_is_the_same_whatever_the_seed_and_subset_takes_the_first_images(tmp_path):
+    make_mnist(tmp_path)
+    _, val_a, _ = btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path, "--seed", 1))
+    train_b, val_b, _ = btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path, "--seed", 2))
+    assert torch.equal(val_a.images, val_b.images)
+    subset, _, _ = btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path, "--subset", 50))
+    assert torch.equal(subset.images, train_b.images[:50])
+
+
+def test_mnist_loader_resizes_to_another_image_size(tmp_path):
+    make_mnist(tmp_path)
+    train, _, _ = btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path, "--image-size", 64))
+    assert train.images.shape[1:] == (1, 64, 64)
+
+
+def test_cifar10_loader(tmp_path):
+    make_cifar10(tmp_path, per_batch=20, test=30)
+    train, val, test = btvae.load_data(config("--dataset", "cifar10", "--data-dir", tmp_path))
+    assert (len(train), len(val), len(test)) == (90, 10, 30)
+    assert test.images.shape[1:] == (3, 32, 32) and test.images.dtype == torch.uint8
+    assert [test.images[0, c].unique().item() for c in range(3)] == [0, 100, 200]  # R, G, B planes in order
+    assert torch.equal(test.labels, torch.arange(30) % 10)
+
+
+def test_corrupt_cifar10_file_is_a_usage_error(tmp_path):
+    make_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x04truncated")
+    with pytest.raises(btvae.UsageError, match="test_batch"):
+        btvae.load_data(config("--dataset", "cifar10", "--data-dir", tmp_path))
+
+
+def test_celeba_loader_uses_the_official_split_and_caches_decoded_images(tmp_path):
+    make_celeba(tmp_path, counts=(24, 6, 8))
+    cfg = config("--dataset", "celeba", "--data-dir", tmp_path)
+    train, val, test = btvae.load_data(cfg)
+    assert (len(train), len(val), len(test)) == (24, 6, 8)
+    assert train.images.shape[1:] == (3, 64, 64) and train.images.dtype == torch.uint8
+    assert sorted(p.name for p in (tmp_path / "btvae_cache").iterdir()) == [
+        "celeba_test_64px.pt", "celeba_train_64px.pt", "celeba_valid_64px.pt"]
+    for jpeg in (tmp_path / "celeba" / "img_align_celeba").iterdir():
+        jpeg.unlink()  # a second load must not decode the JPEGs again
+    again = btvae.load_data(cfg)
+    assert all(torch.equal(a.images, b.images) for a, b in zip((train, val, test), again))
+
+
+def test_celeba_crop_keeps_the_centre_148_pixels(tmp_path):
+    make_celeba(tmp_path, counts=(2, 1, 1))
+    image = torch.zeros(3, 218, 178, dtype=torch.uint8)
+    image[:, 35:183, 15:163] = 255  # exactly the central 148 x 148 square is white
+    save(image.numpy(), tmp_path / "celeba" / "img_align_celeba" / "000001.jpg", format="PNG")
+    train, _, _ = btvae.load_data(config("--dataset", "celeba", "--data-dir", tmp_path))
+    assert train.images[0].float().mean() > 250
+
+
+def test_folder_loader(tmp_path):
+    make_folder(tmp_path / "images", count=30)
+    train, val, test = btvae.load_data(config("--dataset", "folder", "--data-dir", tmp_path / "images", "--image-size", 32))
+    assert (len(train), len(val), len(test)) == (24, 3, 3)
+    for split in (train, val, test):
+        assert split.images.shape[1:] == (3, 32, 32) and split.images.dtype == torch.uint8
+
+
+def test_missing_download_names_the_files_to_provide(tmp_path, monkeypatch):
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://..., got: no network")
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    with pytest.raises(btvae.UsageError, match="downloading it failed.*put MNIST/raw/") as error:
+        btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path))
+    assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------
+# Training: early stopping, and a tiny overfit run
+# ---------------------------------------------------------------------------
+
+def test_early_stopping_stops_after_patience_epochs_and_restores_the_best_weights(tmp_path, monkeypatch):
+    val_losses = iter([5.0, 4.0, 3.0, 3.5, 3.0, 3.2, 2.0])  # best at epoch 3; 3 epochs without improvement after
+
+    def scripted_epoch(model, images, cfg, device, optimiser=None, generator=None):
+        if optimiser is not None:  # a training epoch: change the weights, so each epoch's are recognisable
+            with torch.no_grad():
+                model.to_mu.bias.add_(1)
+            return {name: 1.0 for name in btvae.LOSS_TERMS}, len(images)
+        return {**{name: 0.0 for name in btvae.LOSS_TERMS}, "loss": next(val_losses)}, len(images)
+
+    monkeypatch.setattr(btvae, "run_epoch", scripted_epoch)
+    model = btvae.ConvVAE(1, 16, (8, 16), latent_dim=4)
+    with torch.no_grad():
+        model.to_mu.bias.zero_()
+    cfg = config("--epochs", 50, "--patience", 3)
+    summary, history = btvae.train(model, torch.zeros(4, 1, 16, 16, dtype=torch.uint8),
+                                   torch.zeros(4, 1, 16, 16, dtype=torch.uint8), cfg, "cpu", tmp_path, log=lambda _: None)
+    assert summary["epochs_trained"] == len(history) == 6
+    assert summary["stopped_early"] and summary["best_epoch"] == 3 and summary["best_val_loss"] == 3.0
+    assert torch.all(model.to_mu.bias == 3)  # the weights after epoch 3, not epoch 6
+    assert torch.all(btvae.load_model(tmp_path / "model.pt").to_mu.bias == 3)
+    assert len((tmp_path / "history.csv").read_text().splitlines()) == 1 + 6
+
+
+def test_tiny_overfit_run_reduces_the_reconstruction_loss_tenfold():
+    # 32 images, 500 full-batch steps of the default BTVAE objective and model.
+    # Measured: the reconstruction MSE falls ~15x (0.238 -> 0.015); the VAE alone falls ~20x in 300 steps.
+    torch.manual_seed(0)
+    images = torch.from_numpy(blob_images(32, 1, 32, 32, seed=40))
+    images[images < 100] = 0  # a clean background: the blobs are what there is to learn
+    cfg = config("--batch-size", 32)
+    model = btvae.ConvVAE(1, 32, cfg.hidden_dims, cfg.latent_dim)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    x = btvae.to_model_range(images)
+    recon_losses = []
+    for _ in range(500):
+        terms = btvae.btvae_loss(model, x, cfg.lam1, cfg.lam2, cfg.bt_on, cfg.bt_offdiag)
+        optimiser.zero_grad()
+        terms["loss"].backward()
+        optimiser.step()
+        recon_losses.append(terms["recon"].item())
+    first, last = np.mean(recon_losses[:5]), np.mean(recon_losses[-5:])
+    assert last < first / 10, (first, last)
+
+
+# ---------------------------------------------------------------------------
+# FID: the uint8 conversion and the metric, with a stand-in feature network
+# ---------------------------------------------------------------------------
+
+class StandInFeatures(torch.nn.Module):
+    """Per-channel mean and standard deviation of uint8 RGB images: a cheap stand-in for Inception."""
+    num_features = 6
+
+    def forward(self, images):
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        x = images.float().flatten(2)
+        return torch.cat([x.mean(-1), x.std(-1)], dim=1)
+
+
+def stand_in_metric():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    return FrechetInceptionDistance(feature=StandInFeatures(), reset_real_features=False)
+
+
+def test_fid_input_conversion_clamps_rounds_and_repeats_grayscale():
+    images = torch.tensor([-0.5, 0.0, 0.5, 1.0, 1.7]).view(1, 1, 1, 5)
+    converted = btvae.to_fid_input(images)
+    assert converted.dtype == torch.uint8 and converted.shape == (1, 3, 1, 5)
+    assert converted[0, :, 0].tolist() == [[0, 0, 128, 255, 255]] * 3  # no wrap-around below 0 or above 1
+    rgb = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    assert torch.equal(btvae.to_fid_input(rgb), rgb)
+
+
+def replay(images, shift=0.0):
+    """A make_fake_batch that hands out `images` (as [0, 1] floats, plus `shift`) in order."""
+    position = 0
+
+    def make_fake_batch(count):
+        nonlocal position
+        batch = btvae.to_model_range(images[position:position + count]) + shift
+        position += count
+        return batch
+    return make_fake_batch
+
+
+def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift():
+    real = torch.from_numpy(blob_images(200, 3, 16, 16, seed=50))
+    identical = btvae.compute_fid(stand_in_metric(), real, replay(real), 200)
+    slightly = btvae.compute_fid(stand_in_metric(), real, replay(real, 0.05), 200)
+    strongly = btvae.compute_fid(stand_in_metric(), real, replay(real, 0.2), 200)
+    assert abs(identical) < 1e-6
+    assert 0 < slightly < strongly
+
+
+def test_fid_real_statistics_are_cached_and_reused(tmp_path):
+    real = torch.from_numpy(blob_images(100, 1, 16, 16, seed=51))
+    fake = lambda n: torch.rand(n, 1, 16, 16)  # noqa: E731
+    cache = tmp_path / "cache" / "real.pt"
+    torch.manual_seed(0)
+    first = btvae.compute_fid(stand_in_metric(), real, fake, 100, cache)
+    assert cache.is_file()
+    torch.manual_seed(0)  # the same fake images; garbage real images, which a cache hit never looks at
+    second = btvae.compute_fid(stand_in_metric(), torch.zeros_like(real), fake, 100, cache)
+    assert second == pytest.approx(first, rel=1e-9)
+
+
+def test_fid_without_reachable_weights_is_unavailable_not_a_crash(tmp_path, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(btvae.FIDUnavailable, match="--fid-weights"):
+        btvae.make_fid_metric(64)
+
+
+# ---------------------------------------------------------------------------
+# The command line, end to end, on fabricated data
+# ---------------------------------------------------------------------------
+
+EXPECTED_OUTPUTS = {"config.json", "metrics.json", "history.csv", "model.pt", "samples.png", "reconstructions.png"}
+EXPECTED_METRICS = {"fid", "best_val_loss", "best_epoch", "epochs_trained", "stopped_early",
+                    "train_seconds", "images_per_second", "fid_seconds"}
+
+
+def run_cli(*argv, cwd=HERE):
+    return subprocess.run([sys.executable, str(HERE / "btvae.py"), *map(str, argv)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_command_line_end_to_end(tmp_path):
+    make_mnist(tmp_path / "data")
+    result = run_cli("--dataset", "mnist", "--epochs", "2", "--fid-samples", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "runs" / "mnist_lam2=0.025_seed0"  # the default --out
+    assert {p.name for p in out.iterdir()} == EXPECTED_OUTPUTS
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert EXPECTED_METRICS <= set(metrics) and metrics["fid"] is None and metrics["epochs_trained"] == 2
+    assert metrics["images_per_second"] > 0 and math.isfinite(metrics["best_val_loss"])
+    settings = json.loads((out / "config.json").read_text())
+    assert settings["lam2"] == 0.025 and settings["versions"]["torch"] == torch.__version__
+    assert len((out / "history.csv").read_text().splitlines()) == 3
+    assert "epoch   2/2" in result.stdout
+
+
+def test_run_with_fid_and_a_reloadable_model(tmp_path, monkeypatch, capsys):
+    make_mnist(tmp_path)
+    monkeypatch.setattr(btvae, "make_fid_metric", lambda feature, weights: stand_in_metric())
+    out = tmp_path / "run"
+    btvae.main(["--data-dir", str(tmp_path), "--lam2", "0", "--epochs", "2", "--fid-samples", "40", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert EXPECTED_METRICS <= set(metrics)
+    assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0 and metrics["fid_seconds"] >= 0
+    assert "FID-64 over 40 samples" in capsys.readouterr().out
+    assert any((tmp_path / "btvae_cache").glob("fid_real_mnist_32px_n40_f64_*.pt"))
+    history = [line.split(",") for line in (out / "history.csv").read_text().splitlines()]
+    val_losses = [float(row[history[0].index("val_loss")]) for row in history[1:]]
+    assert metrics["best_epoch"] == 1 + val_losses.index(min(val_losses))
+    model = btvae.load_model(out / "model.pt")
+    assert model.architecture == {"channels": 1, "image_size": 32, "hidden_dims": (16, 32, 64, 128, 256), "latent_dim": 128}
+
+
+def test_run_finishes_with_fid_null_when_the_fid_network_is_unavailable(tmp_path, monkeypatch, capsys):
+    make_mnist(tmp_path)
+
+    def unavailable(feature, weights):
+        raise btvae.FIDUnavailable("no network; pass --fid-weights with a local copy")
+    monkeypatch.setattr(btvae, "make_fid_metric", unavailable)
+    btvae.main(["--data-dir", str(tmp_path), "--epochs", "1", "--fid-samples", "20", "--out", str(tmp_path / "run")])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["fid"] is None
+    lines = [line for line in capsys.readouterr().out.splitlines() if "FID" in line]
+    assert len(lines) == 1 and "null" in lines[0]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_best_weights(tmp_path, monkeypatch, capsys):
+    make_mnist(tmp_path)
+    real_kl, calls = btvae.kl_to_standard_normal, []
+
+    def kl_that_breaks_in_epoch_two(mu, logvar):  # 3 training + 1 validation batches per epoch
+        calls.append(1)
+        return real_kl(mu, logvar) * (math.nan if len(calls) > 4 else 1)
+    monkeypatch.setattr(btvae, "kl_to_standard_normal", kl_that_breaks_in_epoch_two)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main(["--data-dir", str(tmp_path), "--epochs", "5", "--batch-size", "60", "--out", str(out)])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert "NaN" in error and "epoch 2" in error and len(error.strip().splitlines()) == 1
+    assert {p.name for p in out.iterdir()} == {"config.json", "history.csv", "model.pt"}
+    model = btvae.load_model(out / "model.pt")
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line, exit status 2, nothing written
+# ---------------------------------------------------------------------------
+
+BAD_INPUT = {
+    "unknown dataset": (["--dataset", "imagenet"], "invalid choice"),
+    "lam2 not a number": (["--lam2", "abc"], "--lam2 must be a finite number"),
+    "lam2 nan": (["--lam2", "nan"], "--lam2 must be a finite number"),
+    "lam2 infinite": (["--lam2=-inf"], "--lam2 must be a finite number"),
+    "zero epochs": (["--epochs", "0"], "--epochs must be at least 1"),
+    "negative epochs": (["--epochs", "-3"], "--epochs must be at least 1"),
+    "zero batch size": (["--batch-size", "0"], "--batch-size must be at least 2"),
+    "zero latent size": (["--latent-dim", "0"], "--latent-dim must be at least 1"),
+    "negative fid samples": (["--fid-samples", "-1"], "--fid-samples must be at least 0"),
+    "one fid sample": (["--fid-samples", "1"], "--fid-samples must be 0"),
+    "image size not divisible": (["--image-size", "48"], "not divisible by 2^5 = 32"),
+    "bad hidden dims": (["--hidden-dims", "16,x"], "--hidden-dims must be comma-separated"),
+    "missing folder": (["--dataset", "folder", "--data-dir", "{tmp}/nowhere"], "is not a folder"),
+    "empty folder": (["--dataset", "folder", "--data-dir", "{tmp}/empty"], "has no images"),
+    "unreadable fid weights": (["--fid-weights", "{tmp}/garbage.pth"], "cannot be read as PyTorch weights"),
+    "missing fid weights": (["--fid-weights", "{tmp}/missing.pth"], "cannot be read as PyTorch weights"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+    argv, expected = BAD_INPUT[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "garbage.pth").write_bytes(b"these are not weights")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main([a.format(tmp=tmp_path) for a in argv] + ["--out", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and error.startswith("btvae.py: error: ")
+    assert expected in error
+    assert not out.exists()
+
+
+def test_negative_lam2_is_accepted_for_the_ablation():
+    assert config("--lam2", "-0.00025").lam2 == -0.00025
+
+
+def test_bad_input_from_the_real_command_line_has_no_traceback(tmp_path):
+    result = run_cli("--lam2", "nan", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "btvae.py: error: argument --lam2: --lam2 must be a finite number, got 'nan' (see --help)"]
+    assert not (tmp_path / "out").exists()
