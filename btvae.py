@@ -82,6 +82,13 @@ DEFAULT_IMAGE_SIZE = {"mnist": 32, "cifar10": 32, "celeba": 64, "folder": 64}
 FID_FEATURE_SIZES = (64, 192, 768, 2048)  # the Inception-v3 layers torchmetrics offers
 
 
+class DefaultsInHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each flag's default in --help, except where the help text explains a computed one."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints its whole usage block on an error; we want one line saying what to fix."""
 
@@ -119,7 +126,7 @@ def _hidden_dims(text):
 def build_parser():
     p = OneLineErrorParser(
         description="Train a BTVAE (or, with --lam2 0, the baseline VAE), sample from it and measure its FID.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsInHelp)
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="data set (Sec. 3.1); 'folder' is every image below --data-dir")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="data root, in torchvision's layout; missing data is downloaded here")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -242,18 +249,29 @@ def square_resize(images, size):
 
 def read_rgb(path):
     """One image file as a uint8 3 x H x W tensor (Pillow: torchvision's own decoders are deprecated)."""
-    with Image.open(path) as image:
-        return TF.pil_to_tensor(image.convert("RGB"))
-
-
-def download_or_explain(make_dataset, name, needed, data_dir):
-    """Let torchvision fetch a data set; if that fails (offline, quota), say which files to put where."""
     try:
-        return make_dataset()
+        with Image.open(path) as image:
+            return TF.pil_to_tensor(image.convert("RGB"))
+    except Exception as error:
+        raise UsageError(f"cannot decode image {path} ({first_line(error)}); remove or replace it") from None
+
+
+def download_if_missing(files, download, name, data_dir):
+    """Let torchvision fetch a data set whose files are missing; if that fails (offline, quota), say which to put where."""
+    missing = [f for f in files if not (data_dir / f).exists()]
+    if not missing:
+        return
+    try:
+        download()
     except Exception as error:
         raise UsageError(
             f"{name} is not in {data_dir} and downloading it failed ({first_line(error)}); "
-            f"put {needed} there (torchvision's layout) and run again") from None
+            f"put {', '.join(missing)} there (torchvision's layout) and run again") from None
+
+
+def unreadable(name, data_dir, error):
+    return UsageError(f"cannot read {name} in {data_dir} ({first_line(error)}); a file is truncated or corrupt: "
+                      "delete it and run again to download a fresh copy")
 
 
 def holdout(split, count):
@@ -265,34 +283,36 @@ def holdout(split, count):
 
 def load_mnist(data_dir):
     """MNIST's 28x28 digits, padded with 2 black pixels a side to 32x32 so that five stride-2 layers fit."""
-    needed = "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte"
+    download_if_missing([f"MNIST/raw/{prefix}-{kind}-ubyte" for prefix in ("train", "t10k")
+                         for kind in ("images-idx3", "labels-idx1")],
+                        lambda: torchvision.datasets.MNIST(data_dir, download=True), "MNIST", data_dir)
     splits = []
     for train in (True, False):
-        dataset = download_or_explain(lambda: torchvision.datasets.MNIST(data_dir, train=train, download=True),
-                                      "MNIST", needed, data_dir)
+        try:
+            dataset = torchvision.datasets.MNIST(data_dir, train=train)
+        except Exception as error:
+            raise unreadable("MNIST", data_dir, error) from None
         splits.append(Split(F.pad(dataset.data.unsqueeze(1), (2, 2, 2, 2)), dataset.targets))
     return splits  # train, test
 
 
 def load_cifar10(data_dir):
     """CIFAR-10's pickled batches, read directly (torchvision would insist on the original files' MD5s)."""
-    folder = data_dir / "cifar-10-batches-py"
+    folder = "cifar-10-batches-py"
     train_files = [f"data_batch_{i}" for i in range(1, 6)]
-    if not all((folder / name).is_file() for name in train_files + ["test_batch"]):
-        download_or_explain(lambda: torchvision.datasets.CIFAR10(data_dir, download=True), "CIFAR-10",
-                            "cifar-10-batches-py/{data_batch_1..5,test_batch}", data_dir)
+    download_if_missing([f"{folder}/{name}" for name in train_files + ["test_batch"]],
+                        lambda: torchvision.datasets.CIFAR10(data_dir, download=True), "CIFAR-10", data_dir)
 
     def read(names):
         images, labels = [], []
         for name in names:
             try:
-                with open(folder / name, "rb") as file:
+                with open(data_dir / folder / name, "rb") as file:
                     batch = pickle.load(file, encoding="bytes")
                 images.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
                 labels.append(torch.as_tensor(batch[b"labels"], dtype=torch.int64))
             except Exception as error:
-                raise UsageError(f"cannot read CIFAR-10 file {folder / name} ({first_line(error)}); "
-                                 "delete it and run again to download a fresh copy") from None
+                raise unreadable(f"CIFAR-10 file {folder}/{name}", data_dir, error) from None
         return Split(torch.cat(images), torch.cat(labels))
 
     return read(train_files), read(["test_batch"])
@@ -307,17 +327,17 @@ def load_celeba(data_dir, size, cache_dir):
     202,599 JPEGs take minutes to decode, so each split's tensor is cached in
     cache_dir and later runs load it in seconds.
     """
+    download_if_missing(["celeba/img_align_celeba", "celeba/list_eval_partition.txt"],
+                        lambda: torchvision.datasets.CelebA(data_dir, split="all", download=True), "CelebA", data_dir)
     folder = data_dir / "celeba"
-    partition_file = folder / "list_eval_partition.txt"
-    if not (partition_file.is_file() and (folder / "img_align_celeba").is_dir()):
-        download_or_explain(lambda: torchvision.datasets.CelebA(data_dir, split="all", download=True), "CelebA",
-                            "celeba/img_align_celeba/ (unzipped img_align_celeba.zip) and celeba/list_eval_partition.txt",
-                            data_dir)
     files_by_split = {0: [], 1: [], 2: []}  # the partition file's codes: 0 train, 1 valid, 2 test
-    for line in partition_file.read_text().split("\n"):
-        if line.strip():
-            name, code = line.split()
-            files_by_split[int(code)].append(name)
+    try:
+        for line in (folder / "list_eval_partition.txt").read_text().splitlines():
+            if line.strip():
+                name, code = line.split()
+                files_by_split[int(code)].append(name)
+    except (ValueError, KeyError, UnicodeDecodeError) as error:
+        raise unreadable("celeba/list_eval_partition.txt", data_dir, error) from None
 
     splits = []
     for code, split_name in enumerate(("train", "valid", "test")):
@@ -344,11 +364,7 @@ def load_folder(data_dir, size):
                          "point --data-dir at a folder of images")
     images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     for i, path in enumerate(paths):
-        try:
-            image = read_rgb(path)
-        except Exception as error:
-            raise UsageError(f"cannot decode image {path} ({first_line(error)}); remove or replace it") from None
-        images[i] = square_resize(image, size)
+        images[i] = square_resize(read_rgb(path), size)
     return Split(images)
 
 

@@ -325,7 +325,7 @@ def test_cifar10_loader(tmp_path):
 def test_corrupt_cifar10_file_is_a_usage_error(tmp_path):
     make_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x04truncated")
-    with pytest.raises(btvae.UsageError, match="test_batch"):
+    with pytest.raises(btvae.UsageError, match="test_batch.*truncated or corrupt"):
         btvae.load_data(config("--dataset", "cifar10", "--data-dir", tmp_path))
 
 
@@ -360,13 +360,33 @@ def test_folder_loader(tmp_path):
         assert split.images.shape[1:] == (3, 32, 32) and split.images.dtype == torch.uint8
 
 
-def test_missing_download_names_the_files_to_provide(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dataset, download_class, expected", [
+    ("mnist", torchvision.datasets.MNIST, "put MNIST/raw/train-images-idx3-ubyte, MNIST/raw/train-labels-idx1-ubyte"),
+    ("cifar10", torchvision.datasets.CIFAR10, "put cifar-10-batches-py/data_batch_1"),
+    ("celeba", torchvision.datasets.CelebA, "put celeba/img_align_celeba, celeba/list_eval_partition.txt there"),
+])
+def test_failed_download_names_the_files_to_provide(dataset, download_class, expected, tmp_path, monkeypatch):
     def offline(self):
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://..., got: no network")
-    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
-    with pytest.raises(btvae.UsageError, match="downloading it failed.*put MNIST/raw/") as error:
+        raise RuntimeError("Error downloading the-file.gz:\nTried https://example.invalid, got: no network")
+    monkeypatch.setattr(download_class, "download", offline)
+    with pytest.raises(btvae.UsageError, match="downloading it failed") as error:
+        btvae.load_data(config("--dataset", dataset, "--data-dir", tmp_path))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_truncated_mnist_file_is_a_usage_error(tmp_path):
+    make_mnist(tmp_path)
+    images = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    with pytest.raises(btvae.UsageError, match="cannot read MNIST.*truncated or corrupt"):
         btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path))
-    assert "\n" not in str(error.value)
+
+
+def test_undecodable_image_in_a_folder_is_a_usage_error(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(btvae.UsageError, match="cannot decode image .*broken.png"):
+        btvae.load_data(config("--dataset", "folder", "--data-dir", tmp_path))
 
 
 # ---------------------------------------------------------------------------
