@@ -163,6 +163,9 @@ def build_parser():
                    help="local FID Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth); default downloads them")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="where to train; auto picks cuda, then mps, then cpu")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="arithmetic of the network: bf16 is mixed precision (weights, optimiser and losses stay fp32); "
+                        "auto is bf16 on GPUs that support it, fp32 on CPU and mps (README 'Speed')")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<dataset>_lam2=<value>_seed<seed>)")
     return p
 
@@ -436,7 +439,14 @@ def conv_block(in_channels, out_channels, transposed=False):
 
 
 class ConvVAE(nn.Module):
-    """The network shared by the VAE and BTVAE: only the objective (Section 4) differs."""
+    """The network shared by the VAE and BTVAE: only the objective (Section 4) differs.
+
+    mixed_precision = True runs the layers in bfloat16 (torch.autocast), the
+    usual way to use a recent GPU; what encode and decode return is float32
+    either way, so every loss is computed in float32.
+    """
+
+    mixed_precision = False
 
     def __init__(self, channels, image_size, hidden_dims=(16, 32, 64, 128, 256), latent_dim=128):
         super().__init__()
@@ -461,12 +471,19 @@ class ConvVAE(nn.Module):
 
     def encode(self, x):
         """x -> (mu, logvar) of q(z|x), each batch x latent_dim."""
-        features = self.encoder(x)
-        return self.to_mu(features), self.to_logvar(features)
+        with self.autocast(x):
+            features = self.encoder(x)
+            mu, logvar = self.to_mu(features), self.to_logvar(features)
+        return mu.float(), logvar.float()
 
     def decode(self, z):
         """z -> image in [0, 1]."""
-        return self.decoder(self.from_latent(z).view(-1, *self.bottleneck_shape))
+        with self.autocast(z):
+            x = self.decoder(self.from_latent(z).view(-1, *self.bottleneck_shape))
+        return x.float()
+
+    def autocast(self, tensor):
+        return torch.autocast(tensor.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
 
 
 def save_model(model, cfg, path):
@@ -617,7 +634,7 @@ def run_epoch(model, images, cfg, device, optimiser=None, generator=None):
     seen = 0
     with torch.set_grad_enabled(training):
         for index in batch_indices(len(images), cfg.batch_size, generator):
-            x = to_model_range(images[index].to(device))
+            x = to_model_range(images[index.to(images.device)].to(device, non_blocking=True))
             terms = btvae_loss(model, x, cfg.lam1, cfg.lam2, cfg.bt_on, cfg.bt_offdiag)
             if training:
                 optimiser.zero_grad(set_to_none=True)
@@ -661,7 +678,8 @@ def train(model, train_images, val_images, cfg, device, out_dir=None, log=print)
     NaN loss or Ctrl-C the best weights are restored before the exception
     propagates.
     """
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0)
+    # fused: one kernel updates every parameter, instead of ~10 small ops per tensor (same arithmetic)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0, fused=device.type in ("cpu", "cuda"))
     stopper = EarlyStopping(cfg.patience)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     history, stopped_early, train_seconds, train_images_seen = [], False, 0.0, 0
@@ -740,7 +758,7 @@ def reconstruct(model, images):
 # outputs straight to uint8, so negative pixels wrapped around to bright ones.
 # =============================================================================
 
-FID_BATCH = 100
+FID_BATCH = 50  # small enough that the 299 x 299 activations stay in cache
 REAL_STATISTICS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
@@ -764,8 +782,8 @@ def make_fid_metric(feature, weights_path=None):
         raise FIDUnavailable(f"{first_line(error)}; pass --fid-weights with a local copy of the Inception weights") from None
 
 
-@torch.no_grad()
-def compute_fid(metric, real_images, make_fake_batch, count, real_statistics_path=None, device="cpu"):
+@torch.inference_mode()
+def compute_fid(metric, real_images, make_fake_batch, count, real_statistics_path=None, device=torch.device("cpu")):
     """FID between `count` test images and `count` generated ones.
 
     real_images: uint8 N x C x H x W, the first `count` of which are used.
@@ -775,6 +793,8 @@ def compute_fid(metric, real_images, make_fake_batch, count, real_statistics_pat
     computed once.
     """
     metric = metric.to(device)
+    if device.type != "mps":  # channels_last doubles the Inception convolutions' speed; same features to ~1e-8
+        metric.inception.to(memory_format=torch.channels_last)
     if real_statistics_path is not None and real_statistics_path.is_file():
         for name, value in torch.load(real_statistics_path, weights_only=True).items():
             setattr(metric, name, value.to(device))
@@ -804,6 +824,34 @@ def pick_device(name):
     return torch.device(name)
 
 
+def use_bf16(precision, device):
+    """Mixed precision by default only on GPUs with bfloat16. On a CPU with AVX-512 BF16 it trained
+    MNIST 1.1x faster but ended 2% worse in validation loss after 5 epochs (both of 2 seeds; README 'Speed')."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--precision bf16: this GPU has no bfloat16 support; use --precision fp32")
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+def prepare_for_speed(model, splits, cfg, device):
+    """Speed settings that leave the method unchanged (README 'Speed').
+
+    channels_last: oneDNN (CPU) and cuDNN (GPU) convolutions run ~1.4x faster on
+    it; MPS keeps the default layout. On a GPU the uint8 images move there
+    once if they fit, so a batch never crosses the bus.
+    """
+    if device.type in ("cpu", "cuda"):
+        model.to(memory_format=torch.channels_last)
+    model.mixed_precision = use_bf16(cfg.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels once
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        if sum(s.images.nbytes for s in splits) < free_bytes // 4:
+            splits = [Split(s.images.to(device), s.labels) for s in splits]
+    return splits
+
+
 def write_json(data, path):
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -830,16 +878,18 @@ def run(cfg):
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     train_split, val_split, test_split = load_data(cfg)
+    model = ConvVAE(IMAGE_CHANNELS[cfg.dataset], cfg.image_size, cfg.hidden_dims, cfg.latent_dim).to(device)
+    train_split, val_split, test_split = prepare_for_speed(model, (train_split, val_split, test_split), cfg, device)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    write_json({**vars(cfg), "device": str(device), "versions": library_versions(),
+    write_json({**vars(cfg), "device": str(device), "mixed_precision_bf16": model.mixed_precision,
+                "versions": library_versions(),
                 "train_images": len(train_split), "val_images": len(val_split), "test_images": len(test_split)},
                cfg.out / "config.json")
     print(f"{cfg.dataset}: {len(train_split)} train / {len(val_split)} validation / {len(test_split)} test images "
-          f"of {tuple(train_split.images.shape[1:])}, lam2 = {cfg.lam2:g}, device {device}, writing to {cfg.out}",
-          flush=True)
+          f"of {tuple(train_split.images.shape[1:])}, lam2 = {cfg.lam2:g}, device {device}"
+          f"{' (bf16 mixed precision)' if model.mixed_precision else ''}, writing to {cfg.out}", flush=True)
 
-    model = ConvVAE(IMAGE_CHANNELS[cfg.dataset], cfg.image_size, cfg.hidden_dims, cfg.latent_dim).to(device)
     summary, _ = train(model, train_split.images, val_split.images, cfg, device, cfg.out,
                        log=lambda line: print(line, flush=True))
 

@@ -277,6 +277,36 @@ def test_barlow_twins_gradient_reaches_encoder_and_decoder():
     assert model.from_latent.weight.grad.abs().sum() > 0  # through x_recon, into the decoder
 
 
+def test_mixed_precision_changes_arithmetic_not_interfaces():
+    model, x = small_model_and_batch(channels=3)
+    model.eval()
+    mu, logvar = model.encode(x)
+    model.mixed_precision = True
+    mu_bf16, logvar_bf16 = model.encode(x)
+    recon_bf16 = model.decode(mu_bf16)
+    assert mu_bf16.dtype == logvar_bf16.dtype == recon_bf16.dtype == torch.float32  # the losses see float32
+    assert not torch.equal(mu, mu_bf16)  # bfloat16 really was used inside
+    assert torch.allclose(mu, mu_bf16, atol=0.05, rtol=0.05)
+
+
+def test_speed_settings_keep_the_model_the_same_function():
+    cfg = config("--precision", "fp32")
+    model, x = small_model_and_batch()
+    model.eval()
+    reference = model.decode(model.encode(x)[0])
+    btvae.prepare_for_speed(model, [], cfg, torch.device("cpu"))
+    assert model.encoder[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.mixed_precision
+    assert torch.allclose(model.decode(model.encode(x)[0]), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision, expected", [("fp32", False), ("bf16", True)])
+def test_precision_flag_sets_mixed_precision(precision, expected):
+    model, _ = small_model_and_batch()
+    btvae.prepare_for_speed(model, [], config("--precision", precision), torch.device("cpu"))
+    assert model.mixed_precision is expected
+
+
 # ---------------------------------------------------------------------------
 # Data loaders, on fabricated files, through the same load_data a run uses
 # ---------------------------------------------------------------------------
@@ -409,7 +439,8 @@ def test_early_stopping_stops_after_patience_epochs_and_restores_the_best_weight
         model.to_mu.bias.zero_()
     cfg = config("--epochs", 50, "--patience", 3)
     summary, history = btvae.train(model, torch.zeros(4, 1, 16, 16, dtype=torch.uint8),
-                                   torch.zeros(4, 1, 16, 16, dtype=torch.uint8), cfg, "cpu", tmp_path, log=lambda _: None)
+                                   torch.zeros(4, 1, 16, 16, dtype=torch.uint8), cfg, torch.device("cpu"), tmp_path,
+                                   log=lambda _: None)
     assert summary["epochs_trained"] == len(history) == 6
     assert summary["stopped_early"] and summary["best_epoch"] == 3 and summary["best_val_loss"] == 3.0
     assert torch.all(model.to_mu.bias == 3)  # the weights after epoch 3, not epoch 6
@@ -543,7 +574,9 @@ def test_run_with_fid_and_a_reloadable_model(tmp_path, monkeypatch, capsys):
     make_mnist(tmp_path)
     monkeypatch.setattr(btvae, "make_fid_metric", lambda feature, weights: stand_in_metric())
     out = tmp_path / "run"
-    btvae.main(["--data-dir", str(tmp_path), "--lam2", "0", "--epochs", "2", "--fid-samples", "40", "--out", str(out)])
+    btvae.main(["--data-dir", str(tmp_path), "--lam2", "0", "--epochs", "2", "--fid-samples", "40", "--out", str(out),
+                "--precision", "bf16"])
+    assert json.loads((out / "config.json").read_text())["mixed_precision_bf16"] is True
     metrics = json.loads((out / "metrics.json").read_text())
     assert EXPECTED_METRICS <= set(metrics)
     assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0 and metrics["fid_seconds"] >= 0
@@ -593,6 +626,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_best_weights(tmp_path, monkeypatch
 
 BAD_INPUT = {
     "unknown dataset": (["--dataset", "imagenet"], "invalid choice"),
+    "unknown precision": (["--precision", "fp16"], "invalid choice"),
     "lam2 not a number": (["--lam2", "abc"], "--lam2 must be a finite number"),
     "lam2 nan": (["--lam2", "nan"], "--lam2 must be a finite number"),
     "lam2 infinite": (["--lam2=-inf"], "--lam2 must be a finite number"),

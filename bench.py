@@ -1,0 +1,162 @@
+"""Benchmark btvae.py on this machine: training throughput and FID speed. Prints one table; asserts nothing.
+
+    python bench.py                                   # training steps only
+    python bench.py --data-dir ../shared/data \\
+        --fid-weights ../shared/fid/weights-inception-2015-12-05-6726825d.pth   # and FID on MNIST
+
+Every figure is measured in this one run, alternating the configurations it
+compares, so the ratios hold even on a shared, noisy machine.
+
+- "plain": the eager float32 step anyone would write first: contiguous (NCHW)
+  tensors, torch.optim.Adam's default implementation.
+- "project": what btvae.py does by default (prepare_for_speed): channels_last,
+  fused Adam, and mixed precision where --precision auto turns it on.
+
+Both run btvae.run_epoch, the loop a real run uses, on a synthetic uint8 data
+set, so data slicing and scaling are included.
+"""
+
+import argparse
+from pathlib import Path
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import btvae
+
+SHAPES = {"MNIST 1x32x32": (1, 32), "CIFAR-10 3x32x32": (3, 32), "CelebA 3x64x64": (3, 64)}
+DATASET_SIZES = {"MNIST 1x32x32": 55_000, "CIFAR-10 3x32x32": 45_000, "CelebA 3x64x64": 162_770}
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as file:
+            return next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def make_config(lam2, batch_size=64):
+    return btvae.parse_config(["--lam2", str(lam2), "--batch-size", str(batch_size), "--data-dir", "."])
+
+
+def training_setup(channels, size, lam2, project, device):
+    """A model and optimiser as a run makes them: plain, or with the project's speed settings."""
+    torch.manual_seed(0)
+    cfg = make_config(lam2)
+    model = btvae.ConvVAE(channels, size, cfg.hidden_dims, cfg.latent_dim).to(device)
+    if project:
+        btvae.prepare_for_speed(model, [], cfg, device)
+        optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
+    else:
+        optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return model, optimiser, cfg
+
+
+def images_per_second(setup, images, device):
+    model, optimiser, cfg = setup
+    start = time.perf_counter()
+    _, seen = btvae.run_epoch(model, images, cfg, device, optimiser, torch.Generator().manual_seed(0))
+    return seen / (time.perf_counter() - start)
+
+
+def bench_training(steps, repeats, device):
+    rows = []
+    for name, (channels, size) in SHAPES.items():
+        images = torch.randint(0, 256, (64 * steps, channels, size, size), dtype=torch.uint8)
+        setups = {(objective, kind): training_setup(channels, size, lam2, kind == "project", device)
+                  for objective, lam2 in (("VAE", 0.0), ("BTVAE", 0.025)) for kind in ("plain", "project")}
+        for setup in setups.values():  # warm-up: oneDNN primitive caches, allocator
+            images_per_second(setup, images[:64 * 3], device)
+        speed = {key: [] for key in setups}
+        for _ in range(repeats):
+            for key, setup in setups.items():
+                speed[key].append(images_per_second(setup, images, device))
+        best = {key: max(values) for key, values in speed.items()}
+        rows.append((name, best, data_share(channels, size, DATASET_SIZES[name], best[("BTVAE", "project")], device)))
+    return rows
+
+
+def data_share(channels, size, dataset_size, step_images_per_second, device):
+    """Share of an epoch spent slicing batches out of a data-set-sized uint8 tensor and scaling them."""
+    images = torch.empty(dataset_size, channels, size, size, dtype=torch.uint8)  # the real size; values do not matter
+    batches = btvae.batch_indices(dataset_size, 64, torch.Generator().manual_seed(0))[:200]
+    start = time.perf_counter()
+    for index in batches:
+        btvae.to_model_range(images[index.to(images.device)].to(device, non_blocking=True))
+    data_seconds_per_image = (time.perf_counter() - start) / (64 * len(batches))
+    return data_seconds_per_image / (data_seconds_per_image + 1 / step_images_per_second)
+
+
+def bench_fid(data_dir, weights, count, model_path, device):
+    """A finished run's FID: straightforward torchmetrics use against btvae.compute_fid with cached real statistics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    cfg = btvae.parse_config(["--dataset", "mnist", "--data-dir", str(data_dir)])
+    _, _, test = btvae.load_data(cfg)
+    real = test.images[:count]
+    model = btvae.load_model(model_path, device) if model_path else btvae.ConvVAE(1, 32).to(device).eval()
+    fake = torch.cat([btvae.generate(model, 100, torch.Generator().manual_seed(0), device)
+                      for _ in range(0, count, 100)])[:count]  # the same images for both ways
+
+    start = time.perf_counter()  # straightforward: a fresh metric, real and fake images both through the network
+    metric = FrechetInceptionDistance(feature=64, feature_extractor_weights_path=str(weights))
+    for i in range(0, count, 100):
+        metric.update(btvae.to_fid_input(real[i:i + 100]), real=True)
+        metric.update(btvae.to_fid_input(fake[i:i + 100]), real=False)
+    plain_fid, plain_seconds = float(metric.compute()), time.perf_counter() - start
+
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_fid_real_{count}.pt"
+    cache.unlink(missing_ok=True)
+    batches = iter(fake.split(btvae.FID_BATCH))
+    btvae.compute_fid(btvae.make_fid_metric(64, weights), real, lambda n: next(batches), count, cache, device)
+    batches = iter(fake.split(btvae.FID_BATCH))
+    start = time.perf_counter()  # the project's way, as a finished run does it: the real statistics come from the cache
+    project_fid = btvae.compute_fid(btvae.make_fid_metric(64, weights), real, lambda n: next(batches), count, cache, device)
+    project_seconds = time.perf_counter() - start
+    cache.unlink(missing_ok=True)
+    return plain_fid, plain_seconds, project_fid, project_seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="training steps per timed epoch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per configuration (the best counts)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    parser.add_argument("--data-dir", type=Path, default=None, help="data root with MNIST, for the FID benchmark")
+    parser.add_argument("--fid-weights", type=Path, default=None, help="FID Inception weights, for the FID benchmark")
+    parser.add_argument("--fid-images", type=int, default=2000, help="images per set in the FID benchmark")
+    parser.add_argument("--model", type=Path, default=None, help="a run's model.pt to generate FID images with")
+    args = parser.parse_args()
+    device = btvae.pick_device(args.device)
+
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+          f"device {device}; project precision: {'bf16 mixed' if btvae.use_bf16('auto', device) else 'fp32'}")
+    print(f"training: images/s over {args.steps}-step epochs of btvae.run_epoch (batch 64), best of {args.repeats}\n")
+    print("| shape | VAE plain | VAE project | speed-up | BTVAE plain | BTVAE project | speed-up "
+          "| BTVAE/VAE step cost, plain | project | data loading share |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, best, share in bench_training(args.steps, args.repeats, device):
+        vae_plain, vae_project = best[("VAE", "plain")], best[("VAE", "project")]
+        bt_plain, bt_project = best[("BTVAE", "plain")], best[("BTVAE", "project")]
+        print(f"| {name} | {vae_plain:,.0f} | {vae_project:,.0f} | {vae_project / vae_plain:.2f}x "
+              f"| {bt_plain:,.0f} | {bt_project:,.0f} | {bt_project / bt_plain:.2f}x "
+              f"| {vae_plain / bt_plain:.2f}x | {vae_project / bt_project:.2f}x | {share:.2%} |")
+
+    if args.data_dir and args.fid_weights:
+        plain_fid, plain_s, project_fid, project_s = bench_fid(
+            args.data_dir, args.fid_weights, args.fid_images, args.model, device)
+        n = args.fid_images
+        print(f"\nFID-64 of {n} generated MNIST images against {n} test images:")
+        print("| way | seconds | generated images/s | FID |\n| --- | --- | --- | --- |")
+        print(f"| straightforward torchmetrics (fresh metric, real and fake through) | {plain_s:.1f} | {n / plain_s:.0f} "
+              f"| {plain_fid:.6f} |")
+        print(f"| btvae.compute_fid, real statistics cached | {project_s:.1f} | {n / project_s:.0f} | {project_fid:.6f} |")
+        print(f"speed-up {plain_s / project_s:.2f}x; FID relative difference {abs(project_fid - plain_fid) / abs(plain_fid):.1e}")
+
+
+if __name__ == "__main__":
+    main()
