@@ -749,17 +749,24 @@ def reconstruct(model, images):
 
 
 # =============================================================================
-# 7. FID (Sec. 3.1, Table 1)
+# 7. FID (Sec. 3.1, Table 1), and precision and recall
 #
 # The Frechet distance between Gaussians fitted to Inception-v3 features of
 # test images and of generated ones; lower is better. As in the paper,
 # torchmetrics with the 64-dimensional feature layer and 10,000 samples. Images
 # go in as uint8 in [0, 255] with 3 channels: the authors' code cast [-1, 1]
 # outputs straight to uint8, so negative pixels wrapped around to bright ones.
+#
+# Beyond the paper: FID mixes two failures, unrealistic samples and missing
+# variety. The paper's claim is about variety ("more diverse" samples), so
+# runs also report precision (the share of samples that fall within the real
+# images' feature manifold) and recall (the share of real images that fall
+# within the samples' manifold) of Kynkaanniemi et al. (2019), computed by
+# torch-fidelity with 3 nearest neighbours in the same 64-d Inception features.
 # =============================================================================
 
 FID_BATCH = 50  # small enough that the 299 x 299 activations stay in cache
-REAL_STATISTICS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+PRECISION_RECALL_NEIGHBOURS = 3  # Kynkaanniemi et al.'s k
 
 
 def to_fid_input(images):
@@ -783,31 +790,47 @@ def make_fid_metric(feature, weights_path=None):
 
 
 @torch.inference_mode()
-def compute_fid(metric, real_images, make_fake_batch, count, real_statistics_path=None, device=torch.device("cpu")):
-    """FID between `count` test images and `count` generated ones.
+def fid_precision_recall(metric, real_images, make_fake_batch, count, real_features_path=None,
+                         device=torch.device("cpu")):
+    """FID, precision and recall of `count` generated images against `count` test images.
 
     real_images: uint8 N x C x H x W, the first `count` of which are used.
     make_fake_batch(n): n generated images in [0, 1].
-    real_statistics_path: where the real images' feature statistics are cached;
-    every run of a sweep compares against the same test images, so they are
-    computed once.
+    real_features_path: where the test images' Inception features are cached;
+    every run of a sweep compares against the same test images, so they go
+    through the network once.
     """
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
     metric = metric.to(device)
     if device.type != "mps":  # channels_last doubles the Inception convolutions' speed; same features to ~1e-8
         metric.inception.to(memory_format=torch.channels_last)
-    if real_statistics_path is not None and real_statistics_path.is_file():
-        for name, value in torch.load(real_statistics_path, weights_only=True).items():
-            setattr(metric, name, value.to(device))
-    else:
+    features = []  # each batch's features, as the metric computes them for its own statistics
+    hook = metric.inception.register_forward_hook(lambda module, inputs, output: features.append(output.float().cpu()))
+    try:
+        if real_features_path is not None and real_features_path.is_file():
+            real = torch.load(real_features_path, weights_only=True)
+            as_double = real.double().to(device)  # the statistics torchmetrics' update() would have summed
+            metric.real_features_sum = as_double.sum(dim=0)
+            metric.real_features_cov_sum = as_double.T @ as_double
+            metric.real_features_num_samples = torch.tensor(len(real), device=device)
+        else:
+            for start in range(0, count, FID_BATCH):
+                metric.update(to_fid_input(real_images[start:start + FID_BATCH].to(device)), real=True)
+            real = torch.cat(features)
+            features.clear()
+            if real_features_path is not None:
+                save_to_cache(real, real_features_path)
         for start in range(0, count, FID_BATCH):
-            metric.update(to_fid_input(real_images[start:start + FID_BATCH].to(device)), real=True)
-        if real_statistics_path is not None:
-            save_to_cache({name: getattr(metric, name).cpu() for name in REAL_STATISTICS}, real_statistics_path)
-    for start in range(0, count, FID_BATCH):
-        metric.update(to_fid_input(make_fake_batch(min(FID_BATCH, count - start))), real=False)
+            metric.update(to_fid_input(make_fake_batch(min(FID_BATCH, count - start))), real=False)
+        fake = torch.cat(features)
+    finally:
+        hook.remove()
     fid = float(metric.compute())
     metric.reset()  # fake statistics only: the real ones stay for the next call
-    return fid
+    precision_recall = prc_features_to_metric(fake, real, prc_neighborhood=PRECISION_RECALL_NEIGHBOURS,
+                                              prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+    return {"fid": fid, "precision": precision_recall["precision"], "recall": precision_recall["recall"]}
 
 
 # =============================================================================
@@ -898,7 +921,8 @@ def run(cfg):
     originals = to_model_range(test_split.images[:16].to(device))
     save_image(torch.cat([originals, reconstruct(model, originals)]), cfg.out / "reconstructions.png", nrow=16)
 
-    fid, fid_seconds = None, None
+    quality = {"fid": None, "precision": None, "recall": None}
+    fid_seconds = None
     if cfg.fid_samples:
         count = min(cfg.fid_samples, len(test_split))
         if count < cfg.fid_samples:
@@ -907,16 +931,17 @@ def run(cfg):
         try:
             metric = make_fid_metric(cfg.fid_feature, cfg.fid_weights)
             weights_tag = "default" if cfg.fid_weights is None else cfg.fid_weights.stem
-            cache = cfg.cache_dir / (f"fid_real_{cfg.dataset}_{cfg.image_size}px_n{count}_f{cfg.fid_feature}_"
+            cache = cfg.cache_dir / (f"inception_real_{cfg.dataset}_{cfg.image_size}px_n{count}_f{cfg.fid_feature}_"
                                      f"{weights_tag}_torchmetrics{library_versions()['torchmetrics']}.pt")
-            fid = compute_fid(metric, test_split.images, lambda n: generate(model, n, sampler, device),
-                              count, cache, device)
+            quality = fid_precision_recall(metric, test_split.images, lambda n: generate(model, n, sampler, device),
+                                           count, cache, device)
             fid_seconds = time.perf_counter() - fid_start
-            print(f"FID-{cfg.fid_feature} over {count} samples: {fid:.4f} ({fid_seconds:.0f} s)", flush=True)
+            print(f"FID-{cfg.fid_feature} over {count} samples: {quality['fid']:.4f}, precision {quality['precision']:.3f}, "
+                  f"recall {quality['recall']:.3f} ({fid_seconds:.0f} s)", flush=True)
         except FIDUnavailable as error:
             print(f"FID skipped, recorded as null: the Inception network could not be loaded ({error})", flush=True)
 
-    metrics = {"fid": fid, "fid_samples": cfg.fid_samples, "fid_feature": cfg.fid_feature, "fid_seconds": fid_seconds,
+    metrics = {**quality, "fid_samples": cfg.fid_samples, "fid_feature": cfg.fid_feature, "fid_seconds": fid_seconds,
                **summary}
     write_json(metrics, cfg.out / "metrics.json")
     return metrics

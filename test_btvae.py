@@ -4,9 +4,12 @@ in the exact on-disk format the real one has, and FID uses a small stand-in netw
 Run: python -m pytest -q
 """
 
+import csv
 import json
 import math
+import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -511,23 +514,34 @@ def replay(images, shift=0.0):
 
 def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift():
     real = torch.from_numpy(blob_images(200, 3, 16, 16, seed=50))
-    identical = btvae.compute_fid(stand_in_metric(), real, replay(real), 200)
-    slightly = btvae.compute_fid(stand_in_metric(), real, replay(real, 0.05), 200)
-    strongly = btvae.compute_fid(stand_in_metric(), real, replay(real, 0.2), 200)
-    assert abs(identical) < 1e-6
-    assert 0 < slightly < strongly
+    identical = btvae.fid_precision_recall(stand_in_metric(), real, replay(real), 200)
+    slightly = btvae.fid_precision_recall(stand_in_metric(), real, replay(real, 0.05), 200)
+    strongly = btvae.fid_precision_recall(stand_in_metric(), real, replay(real, 0.2), 200)
+    assert abs(identical["fid"]) < 1e-6
+    assert 0 < slightly["fid"] < strongly["fid"]
+    assert identical["precision"] == identical["recall"] == 1.0
 
 
-def test_fid_real_statistics_are_cached_and_reused(tmp_path):
+def test_precision_and_recall_tell_unrealistic_from_undiverse():
+    real = torch.from_numpy(blob_images(300, 3, 16, 16, seed=52))
+    collapsed = real[:5].repeat(60, 1, 1, 1)  # realistic, but only 5 distinct images: no variety
+    result = btvae.fid_precision_recall(stand_in_metric(), real, replay(collapsed), 300)
+    assert result["precision"] == 1.0 and result["recall"] < 0.2
+    unrealistic = btvae.fid_precision_recall(stand_in_metric(), real, replay(real, 0.5), 300)  # every pixel far off
+    assert unrealistic["precision"] < 0.1
+
+
+def test_fid_real_features_are_cached_and_reused(tmp_path):
     real = torch.from_numpy(blob_images(100, 1, 16, 16, seed=51))
     fake = lambda n: torch.rand(n, 1, 16, 16)  # noqa: E731
     cache = tmp_path / "cache" / "real.pt"
     torch.manual_seed(0)
-    first = btvae.compute_fid(stand_in_metric(), real, fake, 100, cache)
-    assert cache.is_file()
+    first = btvae.fid_precision_recall(stand_in_metric(), real, fake, 100, cache)
+    assert cache.is_file() and torch.load(cache).shape == (100, StandInFeatures.num_features)
     torch.manual_seed(0)  # the same fake images; garbage real images, which a cache hit never looks at
-    second = btvae.compute_fid(stand_in_metric(), torch.zeros_like(real), fake, 100, cache)
-    assert second == pytest.approx(first, rel=1e-9)
+    second = btvae.fid_precision_recall(stand_in_metric(), torch.zeros_like(real), fake, 100, cache)
+    assert second["fid"] == pytest.approx(first["fid"], rel=1e-9)
+    assert (second["precision"], second["recall"]) == (first["precision"], first["recall"])
 
 
 def test_fid_without_reachable_weights_is_unavailable_not_a_crash(tmp_path, monkeypatch):
@@ -546,7 +560,7 @@ def test_fid_without_reachable_weights_is_unavailable_not_a_crash(tmp_path, monk
 # ---------------------------------------------------------------------------
 
 EXPECTED_OUTPUTS = {"config.json", "metrics.json", "history.csv", "model.pt", "samples.png", "reconstructions.png"}
-EXPECTED_METRICS = {"fid", "best_val_loss", "best_epoch", "epochs_trained", "stopped_early",
+EXPECTED_METRICS = {"fid", "precision", "recall", "best_val_loss", "best_epoch", "epochs_trained", "stopped_early",
                     "train_seconds", "images_per_second", "fid_seconds"}
 
 
@@ -580,8 +594,9 @@ def test_run_with_fid_and_a_reloadable_model(tmp_path, monkeypatch, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert EXPECTED_METRICS <= set(metrics)
     assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0 and metrics["fid_seconds"] >= 0
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert "FID-64 over 40 samples" in capsys.readouterr().out
-    assert any((tmp_path / "btvae_cache").glob("fid_real_mnist_32px_n40_f64_*.pt"))
+    assert any((tmp_path / "btvae_cache").glob("inception_real_mnist_32px_n40_f64_*.pt"))
     history = [line.split(",") for line in (out / "history.csv").read_text().splitlines()]
     val_losses = [float(row[history[0].index("val_loss")]) for row in history[1:]]
     assert metrics["best_epoch"] == 1 + val_losses.index(min(val_losses))
@@ -670,3 +685,107 @@ def test_bad_input_from_the_real_command_line_has_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "btvae.py: error: argument --lam2: --lam2 must be a finite number, got 'nan' (see --help)"]
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# report.py and run_all.sh: the sweep's tables and figures
+# ---------------------------------------------------------------------------
+
+import report  # noqa: E402
+
+
+def fabricate_run(runs_dir, dataset, lam2, seed, fid, latent_dim=128, data_dir="data", epochs=7, prefix=""):
+    folder = runs_dir / f"{prefix}{dataset}_lam2={lam2:g}_seed{seed}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "dataset": dataset, "lam2": lam2, "seed": seed, "latent_dim": latent_dim, "data_dir": str(data_dir),
+        "cache_dir": str(Path(data_dir) / "btvae_cache"), "image_size": 32}))
+    if fid is not None:
+        (folder / "metrics.json").write_text(json.dumps({
+            "fid": fid, "precision": 0.5 + seed / 100, "recall": 0.4, "epochs_trained": epochs}))
+        torchvision.utils.save_image(torch.rand(4, 1, 32, 32), folder / "samples.png", nrow=2)
+    return folder
+
+
+def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, (vae, good, close) in enumerate([(1.0, 0.5, 0.98), (1.1, 0.52, 1.05), (0.9, 0.48, 1.0)]):
+        fabricate_run(runs, "mnist", 0.0, seed, vae)
+        fabricate_run(runs, "mnist", 0.025, seed, good)
+        fabricate_run(runs, "mnist", 0.25, seed, close)
+    (fabricate_run(runs, "mnist", -0.00025, 0, None) / "FAILED").write_text("exit status 1: btvae.py: stopped: NaN")
+    fabricate_run(runs, "mnist", -0.00025, 1, None)  # no metrics and no FAILED: interrupted
+    report.make_report(tmp_path)
+
+    rows = {float(r["lam2"]): r for r in csv.DictReader(open(tmp_path / "table1.csv"))}
+    assert float(rows[0.0]["fid_mean"]) == pytest.approx(1.0) and float(rows[0.0]["fid_std"]) == pytest.approx(0.1)
+    assert float(rows[0.0]["paper_fid"]) == 0.0187 and rows[0.0]["seeds"] == "0,1,2"
+    assert rows[0.025]["versus_vae"] == "better than VAE beyond the seed spread"
+    assert rows[0.25]["versus_vae"] == "within the seed spread of VAE"
+    assert "NaN" in rows[-0.00025]["failed"] and "interrupted" in rows[-0.00025]["failed"]
+    assert float(rows[0.025]["precision_mean"]) == pytest.approx(0.51)
+    table = (tmp_path / "table1.md").read_text()
+    assert "| mnist | BTVAE | 0.025 | 0,1,2 | 0.5000 ± 0.0200 |" in table and "REDUCED" not in table
+    assert (tmp_path / "figure2_mnist.png").is_file()
+
+
+def test_report_makes_a_blind_pair_with_a_separate_stable_key(tmp_path):
+    for seed in (0, 1):
+        fabricate_run(tmp_path / "runs", "celeba", 0.0, seed, 1.2 + seed)
+        fabricate_run(tmp_path / "runs", "celeba", 0.25, seed, 0.9 + seed)
+    (tmp_path / "BUDGET.txt").write_text("REDUCED BUDGET (QUICK=1): at most 2 epochs")
+    report.make_report(tmp_path)
+    pair = tmp_path / "table2_celeba"
+    assert sorted(p.name for p in pair.iterdir()) == ["A.png", "B.png", "index.html"]
+    page = (pair / "index.html").read_text()
+    assert "Rank the more diverse group 1" in page and "REDUCED BUDGET" in page and "VAE" not in page
+    key = json.loads((tmp_path / "table2_celeba_key.json").read_text())
+    assert {key["A"]["model"], key["B"]["model"]} == {"VAE", "BTVAE"} and key["A"]["seed"] == key["B"]["seed"] == 0
+    shown = (pair / "A.png").read_bytes()
+    assert shown == (tmp_path / "runs" / key["A"]["run"] / "samples.png").read_bytes()
+    report.make_report(tmp_path)
+    assert json.loads((tmp_path / "table2_celeba_key.json").read_text()) == key  # remaking keeps the same order
+    assert "REDUCED BUDGET" in (tmp_path / "table1.md").read_text()
+
+
+def test_report_draws_figure3_from_the_latent2_models(tmp_path):
+    make_mnist(tmp_path / "data")
+    for lam2 in (0.0, 0.025):
+        folder = fabricate_run(tmp_path / "runs", "mnist", lam2, 0, None, latent_dim=2, data_dir=tmp_path / "data",
+                               prefix="figure3_")
+        (folder / "metrics.json").write_text(json.dumps({"fid": None, "epochs_trained": 1}))
+        btvae.save_model(btvae.ConvVAE(1, 32, latent_dim=2), config("--latent-dim", 2), folder / "model.pt")
+    means, labels = report.posterior_means(report.read_runs(tmp_path / "runs")[0])
+    assert means.shape == (60, 2) and labels.shape == (60,)
+    report.make_report(tmp_path)
+    assert (tmp_path / "figure3.png").is_file()
+
+
+def run_sweep(tmp_path, **knobs):
+    env = {**os.environ, "PYTHON": sys.executable, "DATA_DIR": str(tmp_path / "data"), "OUT": str(tmp_path / "results"),
+           "DATASETS": "mnist", "SEEDS": "0 1", "LAMBDAS": "0 0.025 nan", "EPOCHS": "1", "FID_SAMPLES": "0",
+           "JOBS": "2", **knobs}
+    return subprocess.run(["bash", str(HERE / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_run_all_end_to_end_resumes_and_carries_on_past_a_failing_run(tmp_path):
+    make_mnist(tmp_path / "data")
+    first = run_sweep(tmp_path)
+    assert first.returncode == 0, first.stderr
+    results = tmp_path / "results"
+    runs = sorted(p.name for p in (results / "runs").iterdir())
+    assert len(runs) == 8  # 3 lambdas x 2 seeds + Figure 3's two 2-d models
+    assert all((results / "runs" / name / "metrics.json").is_file() for name in runs if "nan" not in name)
+    failed = (results / "runs" / "mnist_lam2=nan_seed0" / "FAILED").read_text()
+    assert "exit status 2" in failed and "--lam2 must be a finite number" in failed
+    table = (results / "table1.md").read_text()
+    assert "| mnist | VAE | 0 | 0,1 |" in table and "--lam2 must be a finite number" in table
+    assert "REDUCED BUDGET" in table  # 1 epoch and no FID is not the paper's budget
+    assert (results / "figure3.png").is_file()
+
+    shutil.rmtree(results / "runs" / "mnist_lam2=0.025_seed1")
+    second = run_sweep(tmp_path)
+    assert second.returncode == 0, second.stderr
+    started = [line for line in second.stdout.splitlines() if line.startswith("start:")]
+    assert sorted(started) == ["start: mnist_lam2=0.025_seed1", "start: mnist_lam2=nan_seed0", "start: mnist_lam2=nan_seed1"]
+    assert (results / "runs" / "mnist_lam2=0.025_seed1" / "metrics.json").is_file()

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Reproduce the paper's Sec. 3 with btvae.py: Table 1 (FID over data sets and lambda2, several seeds),
+# Figure 2 (sample grids), Figure 3 (2-d latent space on MNIST) and Table 2's material (blind pairs).
+#
+#   ./run_all.sh                          # the paper's settings: 3 data sets x 6 settings x 3 seeds, 50 epochs
+#   DATASETS=mnist QUICK=1 ./run_all.sh   # MNIST's column on a 2-core CPU in well under an hour (reduced budget)
+#   REPORT_ONLY=1 ./run_all.sh            # remake the tables and figures from finished runs, no training
+#
+# Knobs (environment variables, paper settings by default): DATASETS, SEEDS, LAMBDAS, EPOCHS, FID_SAMPLES,
+# FID_WEIGHTS, SUBSET, DATA_DIR, CACHE_DIR, OUT, JOBS, QUICK, PYTHON. A run whose metrics.json exists is
+# skipped, so an interrupted sweep continues where it stopped; a failed run leaves FAILED (with the
+# reason) in its folder, the sweep goes on, and the table shows it as failed. Delete a run's folder to redo it.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ "${QUICK:-0}" = 1 ]; then
+  # Reduced budget for a 2-core CPU: fewer images, epochs and FID samples, two runs at a time.
+  : "${SUBSET:=20000}" "${EPOCHS:=10}" "${FID_SAMPLES:=2000}" "${JOBS:=2}"
+fi
+DATASETS=${DATASETS:-"mnist cifar10 celeba"}
+SEEDS=${SEEDS:-"0 1 2"}
+LAMBDAS=${LAMBDAS:-"0 0.00025 0.0025 0.025 0.25 -0.00025"}
+FIGURE3_LAMBDA=${FIGURE3_LAMBDA:-0.025}  # the BTVAE of Figure 3: the paper's "best value in most cases"
+EPOCHS=${EPOCHS:-50}
+FID_SAMPLES=${FID_SAMPLES:-10000}
+FID_WEIGHTS=${FID_WEIGHTS:-}
+SUBSET=${SUBSET:-}
+DATA_DIR=${DATA_DIR:-data}
+CACHE_DIR=${CACHE_DIR:-$DATA_DIR/btvae_cache}
+OUT=${OUT:-results}
+JOBS=${JOBS:-1}
+PYTHON=${PYTHON:-python}
+
+mkdir -p "$OUT/runs"
+budget=""
+[ -n "$SUBSET" ] && budget="$budget subset of $SUBSET training images,"
+[ "$EPOCHS" != 50 ] && budget="$budget at most $EPOCHS epochs,"
+[ "$FID_SAMPLES" != 10000 ] && budget="$budget FID on $FID_SAMPLES samples,"
+if [ -n "$budget" ]; then
+  echo "REDUCED BUDGET${QUICK:+ (QUICK=$QUICK)}:${budget%,} (the paper: all images, up to 50 epochs, 10,000 FID samples)" > "$OUT/BUDGET.txt"
+  echo "*** $(cat "$OUT/BUDGET.txt") ***"
+else
+  rm -f "$OUT/BUDGET.txt"
+fi
+
+# One line per run: its folder name, then its btvae.py flags.
+plan() {
+  for dataset in $DATASETS; do
+    for lam2 in $LAMBDAS; do
+      for seed in $SEEDS; do
+        echo "${dataset}_lam2=${lam2}_seed${seed} --dataset $dataset --lam2 $lam2 --seed $seed --fid-samples $FID_SAMPLES"
+      done
+    done
+  done
+  case " $DATASETS " in *" mnist "*)  # Figure 3: 2-d latent space, one seed, no FID
+    for lam2 in 0 "$FIGURE3_LAMBDA"; do
+      echo "figure3_mnist_latent2_lam2=${lam2}_seed0 --dataset mnist --lam2 $lam2 --seed 0 --latent-dim 2 --fid-samples 0"
+    done ;;
+  esac
+}
+
+# Runs one planned line; never fails the sweep: a failure is written to FAILED in the run's folder.
+run_one() {
+  local name=$1; shift
+  local dir="$OUT/runs/$name"
+  [ -f "$dir/metrics.json" ] && { echo "done already: $name"; return 0; }
+  mkdir -p "$dir"; rm -f "$dir/FAILED"
+  local extra=(--epochs "$EPOCHS" --data-dir "$DATA_DIR" --cache-dir "$CACHE_DIR" --out "$dir")
+  [ -n "$SUBSET" ] && extra+=(--subset "$SUBSET")
+  [ -n "$FID_WEIGHTS" ] && extra+=(--fid-weights "$FID_WEIGHTS")
+  echo "start: $name"
+  local start=$SECONDS status=0
+  "$PYTHON" btvae.py "$@" "${extra[@]}" > "$dir/log.txt" 2>&1 || status=$?
+  if [ "$status" = 0 ]; then
+    echo "finished: $name ($((SECONDS - start)) s)"
+  else
+    echo "exit status $status: $(grep -v '^\s*$' "$dir/log.txt" | tail -n 1)" > "$dir/FAILED"
+    echo "FAILED: $name: $(cat "$dir/FAILED")"
+  fi
+}
+
+if [ "${REPORT_ONLY:-0}" != 1 ]; then
+  # Runs are independent: JOBS of them at a time share the cores (each gets cores / JOBS threads).
+  threads=$(( $(nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
+  export OUT EPOCHS DATA_DIR CACHE_DIR SUBSET FID_WEIGHTS PYTHON OMP_NUM_THREADS=$threads
+  export -f run_one
+  started=$SECONDS
+  plan | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
+  echo "sweep took $((SECONDS - started)) s"
+fi
+
+"$PYTHON" report.py "$OUT"
