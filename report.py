@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import statistics
+import textwrap
 from pathlib import Path
 
 import torch
@@ -146,7 +147,7 @@ def write_table1(rows, out, budget_note):
 
     lines = ["# Table 1: FID-64 of BTVAE and the VAE", ""]
     if budget_note:
-        lines += [f"> **REDUCED BUDGET: {budget_note}. Not the paper's protocol; do not compare magnitudes with it.**", ""]
+        lines += [f"> **{budget_note}. Not the paper's protocol; do not compare magnitudes with it.**", ""]
     lines += ["FID-64 (lower is better) as mean ± standard deviation over the seeds listed; precision and recall "
               "(Kynkaanniemi et al. 2019, k = 3) in the same Inception features, means over seeds; the paper's FID "
               "(500 samples, its uint8 conversion bug) for reference only.", "",
@@ -179,6 +180,13 @@ def best_btvae_lam2(rows, dataset):
     return min(scored, key=lambda r: r["fid_mean"])["lam2"] if scored else None
 
 
+def suptitle(figure, title, budget_note):
+    """The figure's title, and in red, wrapped to fit, the reduced budget it was made with."""
+    if budget_note:
+        title += "\n" + textwrap.fill(budget_note, 110)
+    figure.suptitle(title, fontsize=10, color="firebrick" if budget_note else "black")
+
+
 def write_figure2(runs, rows, dataset, out, budget_note):
     import matplotlib
     matplotlib.use("Agg")
@@ -189,15 +197,12 @@ def write_figure2(runs, rows, dataset, out, budget_note):
                                                              representative_run(runs, dataset, lam2))]
     if any(run is None for _, run in pair):
         return None
-    figure, axes = plt.subplots(1, 2, figsize=(10, 5.6))
+    figure, axes = plt.subplots(1, 2, figsize=(10, 6), layout="constrained")
     for axis, (label, run) in zip(axes, pair):
         axis.imshow(plt.imread(run["folder"] / "samples.png"))
         axis.set_title(f"{label}\nseed {run['seed']}, FID {run['metrics']['fid']:.4f}", fontsize=10)
         axis.axis("off")
-    title = f"Figure 2, {dataset}: 144 samples from the prior"
-    figure.suptitle(title + (f"\nREDUCED BUDGET: {budget_note}" if budget_note else ""), fontsize=11,
-                    color="firebrick" if budget_note else "black")
-    figure.tight_layout()
+    suptitle(figure, f"Figure 2, {dataset}: 144 samples from the prior", budget_note)
     path = out / f"figure2_{dataset}.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -225,7 +230,7 @@ def write_figure3(runs, out, budget_note):
     pair = [next((r for r in pair if r["lam2"] == 0), None), next((r for r in pair if r["lam2"] != 0), None)]
     if any(run is None for run in pair):
         return None
-    figure, axes = plt.subplots(1, 2, figsize=(11, 5))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 5.6), layout="constrained")
     for axis, run in zip(axes, pair):
         means, labels = posterior_means(run)
         normalised = (means - means.mean(0)) / means.std(0)  # the paper's axes: normalised latent values
@@ -235,9 +240,7 @@ def write_figure3(runs, out, budget_note):
         axis.set_xlabel("z1 (normalised)")
         axis.set_ylabel("z2 (normalised)")
     figure.colorbar(scatter, ax=axes, ticks=range(10), label="digit")
-    title = "Figure 3: MNIST test images' posterior means, 2-d latent space"
-    figure.suptitle(title + (f"\nREDUCED BUDGET: {budget_note}" if budget_note else ""),
-                    color="firebrick" if budget_note else "black")
+    suptitle(figure, "Figure 3: MNIST test images' posterior means, 2-d latent space", budget_note)
     path = out / "figure3.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
