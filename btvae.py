@@ -40,8 +40,9 @@ import argparse
 import csv
 import json
 import math
-import os
 import pickle
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ class TrainingDiverged(Exception):
 
 class FIDUnavailable(Exception):
     """The FID network cannot be had (no weights, no torch-fidelity): FID is recorded as null."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM during training: the last epoch's checkpoint is kept for --resume."""
 
 
 # =============================================================================
@@ -167,6 +172,8 @@ def build_parser():
                    help="arithmetic of the network: bf16 is mixed precision (weights, optimiser and losses stay fp32); "
                         "auto is bf16 on GPUs that support it, fp32 on CPU and mps (README 'Speed')")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<dataset>_lam2=<value>_seed<seed>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last checkpoint (same settings required)")
     return p
 
 
@@ -346,8 +353,11 @@ def load_celeba(data_dir, size, cache_dir):
     for code, split_name in enumerate(("train", "valid", "test")):
         cache_file = cache_dir / f"celeba_{split_name}_{size}px.pt"
         if cache_file.is_file():
-            splits.append(Split(torch.load(cache_file, weights_only=True)))
-            continue
+            try:
+                splits.append(Split(torch.load(cache_file, weights_only=True)))
+                continue
+            except Exception as error:
+                print(f"note: the cache {cache_file} is unreadable ({first_line(error)}); decoding again", flush=True)
         names = files_by_split[code]
         print(f"decoding {len(names)} CelebA {split_name} images once (cached in {cache_file})", flush=True)
         images = torch.empty(len(names), 3, size, size, dtype=torch.uint8)
@@ -499,9 +509,13 @@ def save_model(model, cfg, path):
 
 def load_model(path, device="cpu"):
     """Rebuild a trained model from the model.pt a run writes (weights plus architecture)."""
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
-    model = ConvVAE(**checkpoint["architecture"]).to(device)
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        model = ConvVAE(**checkpoint["architecture"]).to(device)
+        model.load_state_dict(checkpoint["state_dict"])
+    except Exception as error:
+        raise UsageError(f"{path} is not a btvae.py model.pt, or its weights do not fit its architecture "
+                         f"({first_line(error)})") from None
     return model.eval()
 
 
@@ -623,17 +637,20 @@ def batch_indices(count, batch_size, generator=None):
     return list(order[: count - count % batch_size].split(batch_size))
 
 
-def run_epoch(model, images, cfg, device, optimiser=None, generator=None):
+def run_epoch(model, images, cfg, device, optimiser=None, generator=None, stop=None):
     """One pass over `images`: a training epoch if an optimiser is given, else an evaluation.
 
     Returns the mean of each loss term over the images seen, and how many there were.
+    Raises RunInterrupted after the step during which `stop` was requested.
     """
     training = optimiser is not None
     model.train(training)
     totals = torch.zeros(len(LOSS_TERMS), device=device)
     seen = 0
     with torch.set_grad_enabled(training):
-        for index in batch_indices(len(images), cfg.batch_size, generator):
+        for index in progress(batch_indices(len(images), cfg.batch_size, generator), "train" if training else "validate"):
+            if stop is not None and stop.requested:
+                raise RunInterrupted()
             x = to_model_range(images[index.to(images.device)].to(device, non_blocking=True))
             terms = btvae_loss(model, x, cfg.lam1, cfg.lam2, cfg.bt_on, cfg.bt_offdiag)
             if training:
@@ -644,6 +661,36 @@ def run_epoch(model, images, cfg, device, optimiser=None, generator=None):
             totals += torch.stack([terms[name].detach() for name in LOSS_TERMS]) * len(index)
             seen += len(index)
     return dict(zip(LOSS_TERMS, (totals / seen).tolist())), seen
+
+
+def progress(iterable, description):
+    """A progress bar on a terminal; logs and CI get the one line per epoch instead."""
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=description, leave=False)
+
+
+class GracefulStop:
+    """While active, the first Ctrl-C or SIGTERM asks training to stop after the current step; a second stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (the last finished epoch is checkpointed); press Ctrl-C again to stop at once",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class EarlyStopping:
@@ -670,31 +717,89 @@ class EarlyStopping:
             model.load_state_dict(self.best_state)
 
 
-def train(model, train_images, val_images, cfg, device, out_dir=None, log=print):
+# A checkpoint after every epoch holds everything the rest of the run depends
+# on, so that a run resumed from it on the CPU ends bit for bit as if it had
+# never stopped: the weights, Adam's moments, the early-stopping state, the
+# history, and the state of both random generators (the shuffling order and
+# the global one that draws eps in the reparameterisation).
+
+CHECKPOINT = "checkpoint.pt"
+NOT_RESULT_SETTINGS = ("data_dir", "cache_dir", "out", "fid_weights", "device", "resume")  # where, not what
+
+
+def result_settings(cfg):
+    """The settings a run's result depends on; a checkpoint continues only a run with the same ones."""
+    return {k: v for k, v in vars(cfg).items() if k not in NOT_RESULT_SETTINGS}
+
+
+def write_checkpoint(path, cfg, model, optimiser, stopper, shuffle, history, finished, stopped_early):
+    temporary = path.with_suffix(".tmp")
+    torch.save({"settings": result_settings(cfg), "model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                "early_stopping": {k: v for k, v in vars(stopper).items()}, "history": history,
+                "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "finished": finished, "stopped_early": stopped_early}, temporary)
+    temporary.replace(path)  # atomic: a crash mid-write leaves the previous checkpoint whole
+
+
+def read_checkpoint(path, cfg):
+    """A checkpoint to resume from, refusing missing, unreadable, foreign and different-settings ones."""
+    if not path.is_file():
+        raise UsageError(f"--resume: {path} does not exist, so there is nothing to resume; run without --resume")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"settings", "model", "optimiser", "early_stopping", "history", "torch_rng"} - set(checkpoint)
+        if missing:
+            raise ValueError(f"no {', '.join(sorted(missing))}")
+        saved = checkpoint["settings"]
+    except Exception as error:
+        raise UsageError(f"--resume: {path} is not a readable btvae checkpoint ({first_line(error)}); "
+                         "delete it (and the folder's other files) to start the run over") from None
+    differing = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in result_settings(cfg).items()
+                 if saved.get(k) != v]
+    if differing:
+        raise UsageError(f"--resume: {path.parent} was run with other settings: {', '.join(differing)}; "
+                         "resume with the same flags, or choose another --out")
+    return checkpoint
+
+
+def train(model, train_images, val_images, cfg, device, out_dir=None, log=print, checkpoint=None, stop=None):
     """Train until early stopping or cfg.epochs; the model ends with the best epoch's weights.
 
-    With an out_dir, writes history.csv (a row per epoch) and model.pt (the best
-    weights so far) as it goes, so a run stopped at any point keeps both. On a
-    NaN loss or Ctrl-C the best weights are restored before the exception
-    propagates.
+    With an out_dir, writes after every epoch history.csv, checkpoint.pt and
+    (when the validation loss improved) model.pt, so a run stopped at any point
+    keeps all three. `checkpoint` (from read_checkpoint) continues an
+    interrupted run. On a NaN loss or Ctrl-C the best weights are restored
+    before the exception propagates.
     """
     # fused: one kernel updates every parameter, instead of ~10 small ops per tensor (same arithmetic)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0, fused=device.type in ("cpu", "cuda"))
     stopper = EarlyStopping(cfg.patience)
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    history, stopped_early, train_seconds, train_images_seen = [], False, 0.0, 0
-    started = time.perf_counter()
+    history, finished, stopped_early = [], False, False
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimiser.load_state_dict(checkpoint["optimiser"])
+        vars(stopper).update(checkpoint["early_stopping"])
+        shuffle.set_state(checkpoint["shuffle_rng"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if checkpoint["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        history, finished, stopped_early = checkpoint["history"], checkpoint["finished"], checkpoint["stopped_early"]
+        log(f"resuming after epoch {len(history)}" + (" (training had finished)" if finished else ""))
+    started = time.perf_counter() - (history[-1]["elapsed_seconds"] if history else 0.0)
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(len(history) + 1, cfg.epochs + 1):
+            if finished:
+                break
             epoch_start = time.perf_counter()
-            train_terms, seen = run_epoch(model, train_images, cfg, device, optimiser, shuffle)
+            train_terms, seen = run_epoch(model, train_images, cfg, device, optimiser, shuffle, stop)
             epoch_train_seconds = time.perf_counter() - epoch_start
             val_terms, _ = run_epoch(model, val_images, cfg, device)
-            train_seconds += epoch_train_seconds
-            train_images_seen += seen
             row = {"epoch": epoch,
                    **{f"train_{k}": v for k, v in train_terms.items()},
                    **{f"val_{k}": v for k, v in val_terms.items()},
+                   "train_images": seen, "train_seconds": epoch_train_seconds,
                    "images_per_second": seen / epoch_train_seconds,
                    "elapsed_seconds": time.perf_counter() - started}
             history.append(row)
@@ -709,20 +814,24 @@ def train(model, train_images, val_images, cfg, device, out_dir=None, log=print)
                     f"the loss became NaN or infinite in epoch {epoch}; try a smaller --lr or --lam2 "
                     f"(the best weights so far are from epoch {stopper.best_epoch})")
             stopped_early = stopper.should_stop(val_terms["loss"], model, epoch)
-            if out_dir is not None and stopper.best_epoch == epoch:
-                save_model(model, cfg, out_dir / "model.pt")
+            finished = stopped_early or epoch == cfg.epochs
+            if out_dir is not None:
+                if stopper.best_epoch == epoch:
+                    save_model(model, cfg, out_dir / "model.pt")
+                write_checkpoint(out_dir / CHECKPOINT, cfg, model, optimiser, stopper, shuffle, history,
+                                 finished, stopped_early)
             if stopped_early:
                 log(f"early stopping: no better validation loss for {cfg.patience} epochs; "
                     f"keeping epoch {stopper.best_epoch}")
-                break
     finally:
         stopper.restore_best(model)
+    train_seconds = sum(row["train_seconds"] for row in history)
     return {"best_val_loss": stopper.best_loss,
             "best_epoch": stopper.best_epoch,
             "epochs_trained": len(history),
             "stopped_early": stopped_early,
-            "train_seconds": time.perf_counter() - started,
-            "images_per_second": train_images_seen / train_seconds}, history
+            "train_seconds": history[-1]["elapsed_seconds"] if history else 0.0,
+            "images_per_second": sum(row["train_images"] for row in history) / train_seconds}, history
 
 
 # =============================================================================
@@ -815,13 +924,13 @@ def fid_precision_recall(metric, real_images, make_fake_batch, count, real_featu
             metric.real_features_cov_sum = as_double.T @ as_double
             metric.real_features_num_samples = torch.tensor(len(real), device=device)
         else:
-            for start in range(0, count, FID_BATCH):
+            for start in progress(range(0, count, FID_BATCH), "FID, test images"):
                 metric.update(to_fid_input(real_images[start:start + FID_BATCH].to(device)), real=True)
             real = torch.cat(features)
             features.clear()
             if real_features_path is not None:
                 save_to_cache(real, real_features_path)
-        for start in range(0, count, FID_BATCH):
+        for start in progress(range(0, count, FID_BATCH), "FID, samples"):
             metric.update(to_fid_input(make_fake_batch(min(FID_BATCH, count - start))), real=False)
         fake = torch.cat(features)
     finally:
@@ -899,6 +1008,15 @@ def library_versions():
 def run(cfg):
     """Train, sample, measure FID; returns metrics.json's contents."""
     device = pick_device(cfg.device)
+    checkpoint = None
+    if cfg.resume:
+        checkpoint = read_checkpoint(cfg.out / CHECKPOINT, cfg)
+        if (cfg.out / "metrics.json").is_file():
+            print(f"{cfg.out} is a finished run: nothing to resume", flush=True)
+            return json.loads((cfg.out / "metrics.json").read_text())
+    elif (cfg.out / CHECKPOINT).is_file():
+        raise UsageError(f"{cfg.out} already holds a run; add --resume to continue it, "
+                         "or choose another --out (or delete the folder) to start over")
     torch.manual_seed(cfg.seed)
     train_split, val_split, test_split = load_data(cfg)
     model = ConvVAE(IMAGE_CHANNELS[cfg.dataset], cfg.image_size, cfg.hidden_dims, cfg.latent_dim).to(device)
@@ -913,8 +1031,9 @@ def run(cfg):
           f"of {tuple(train_split.images.shape[1:])}, lam2 = {cfg.lam2:g}, device {device}"
           f"{' (bf16 mixed precision)' if model.mixed_precision else ''}, writing to {cfg.out}", flush=True)
 
-    summary, _ = train(model, train_split.images, val_split.images, cfg, device, cfg.out,
-                       log=lambda line: print(line, flush=True))
+    with GracefulStop() as stop:
+        summary, _ = train(model, train_split.images, val_split.images, cfg, device, cfg.out,
+                           log=lambda line: print(line, flush=True), checkpoint=checkpoint, stop=stop)
 
     sampler = torch.Generator().manual_seed(cfg.seed)
     save_image(generate(model, 144, sampler, device), cfg.out / "samples.png", nrow=12)
@@ -948,6 +1067,7 @@ def run(cfg):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = None
     try:
         cfg = parse_config(argv)
@@ -958,9 +1078,13 @@ def main(argv=None):
     except TrainingDiverged as error:
         print(f"btvae.py: stopped: {error}; the best weights and history so far are in {cfg.out}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        where = f" in {cfg.out}" if cfg is not None else ""
-        print(f"btvae.py: interrupted; what the run had produced is kept{where}", file=sys.stderr)
+    except (RunInterrupted, KeyboardInterrupt):
+        if cfg is None or not (cfg.out / CHECKPOINT).is_file():
+            print("btvae.py: interrupted before the first epoch finished; nothing to resume", file=sys.stderr)
+        else:
+            resume = shlex.join(["python", "btvae.py", *argv, *([] if "--resume" in argv else ["--resume"])])
+            print(f"btvae.py: interrupted; everything up to the last finished epoch is in {cfg.out}. "
+                  f"To continue: {resume}", file=sys.stderr)
         sys.exit(130)
 
 

@@ -8,8 +8,9 @@
 #
 # Knobs (environment variables, paper settings by default): DATASETS, SEEDS, LAMBDAS, EPOCHS, FID_SAMPLES,
 # FID_WEIGHTS, SUBSET, DATA_DIR, CACHE_DIR, OUT, JOBS, QUICK, PYTHON. A run whose metrics.json exists is
-# skipped, so an interrupted sweep continues where it stopped; a failed run leaves FAILED (with the
-# reason) in its folder, the sweep goes on, and the table shows it as failed. Delete a run's folder to redo it.
+# skipped and one interrupted part-way is resumed from its last checkpoint, so an interrupted sweep continues
+# where it stopped; a failed run leaves FAILED (with the reason) in its folder, the sweep goes on, and the
+# table shows it as failed. Delete a run's folder to redo it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -66,6 +67,7 @@ run_one() {
   [ -f "$dir/metrics.json" ] && { echo "done already: $name"; return 0; }
   mkdir -p "$dir"; rm -f "$dir/FAILED"
   local extra=(--epochs "$EPOCHS" --data-dir "$DATA_DIR" --cache-dir "$CACHE_DIR" --out "$dir")
+  [ -f "$dir/checkpoint.pt" ] && extra+=(--resume)  # interrupted part-way: continue from its last epoch
   [ -n "$SUBSET" ] && extra+=(--subset "$SUBSET")
   [ -n "$FID_WEIGHTS" ] && extra+=(--fid-weights "$FID_WEIGHTS")
   echo "start: $name"

@@ -10,9 +10,11 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -636,6 +638,186 @@ def test_nan_loss_stops_the_run_and_keeps_the_best_weights(tmp_path, monkeypatch
 
 
 # ---------------------------------------------------------------------------
+# Interruption and --resume
+# ---------------------------------------------------------------------------
+
+TIMINGS = {"train_seconds", "images_per_second", "fid_seconds", "elapsed_seconds"}
+RUN_ARGS = ["--epochs", "4", "--patience", "10", "--fid-samples", "40", "--batch-size", "60"]  # 3 + 1 batches an epoch
+
+
+def run_result(out):
+    """What must not depend on interruptions or on running twice: all but the timings, bit for bit."""
+    metrics = {k: v for k, v in json.loads((out / "metrics.json").read_text()).items() if k not in TIMINGS}
+    history = [{k: v for k, v in row.items() if k not in TIMINGS} for row in csv.DictReader(open(out / "history.csv"))]
+    weights = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    return metrics, history, weights, (out / "samples.png").read_bytes()
+
+
+def assert_same_result(a, b):
+    assert a[0] == b[0] and a[1] == b[1] and a[3] == b[3]
+    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+@pytest.fixture
+def mnist_with_stand_in_fid(tmp_path, monkeypatch):
+    make_mnist(tmp_path / "data")
+    monkeypatch.setattr(btvae, "make_fid_metric", lambda feature, weights: stand_in_metric())
+    return ["--data-dir", str(tmp_path / "data"), *RUN_ARGS]
+
+
+def signal_during_loss_call(monkeypatch, call, signals=1):
+    """Send ourselves SIGINT (a real Ctrl-C) inside the given call of the loss, i.e. during a training step.
+
+    Returns the real loss function, to put back.
+    """
+    real_loss, calls = btvae.btvae_loss, []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(btvae, "btvae_loss", loss)
+    return real_loss
+
+
+def test_same_command_twice_gives_the_same_result(tmp_path, mnist_with_stand_in_fid):
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(tmp_path / "first")])
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(tmp_path / "second")])
+    assert_same_result(run_result(tmp_path / "first"), run_result(tmp_path / "second"))
+
+
+def test_ctrl_c_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys,
+                                                                       mnist_with_stand_in_fid):
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(tmp_path / "straight")])
+    out = tmp_path / "interrupted"
+    real_loss = signal_during_loss_call(monkeypatch, call=2 * 4 + 2)  # the second training step of epoch 3
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
+    assert exit_info.value.code == 130
+    error = capsys.readouterr().err
+    assert "stopping after this step" in error and f"--out {out} --resume" in error
+    assert not (out / "metrics.json").exists()
+    assert len(torch.load(out / "checkpoint.pt", weights_only=True)["history"]) == 2  # epoch 3 was abandoned
+
+    monkeypatch.setattr(btvae, "btvae_loss", real_loss)
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--resume"])
+    assert "resuming after epoch 2" in capsys.readouterr().out
+    assert_same_result(run_result(out), run_result(tmp_path / "straight"))
+
+
+def test_second_ctrl_c_stops_at_once_and_the_checkpoint_stays_usable(tmp_path, monkeypatch, capsys,
+                                                                     mnist_with_stand_in_fid):
+    out = tmp_path / "run"
+    signal_during_loss_call(monkeypatch, call=4 + 2, signals=2)
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
+    assert exit_info.value.code == 130 and "To continue" in capsys.readouterr().err
+    cfg = config(*mnist_with_stand_in_fid, "--out", out, "--resume")
+    assert len(btvae.read_checkpoint(out / "checkpoint.pt", cfg)["history"]) == 1
+
+
+def test_a_kill_while_the_checkpoint_is_written_leaves_the_previous_one(tmp_path, monkeypatch,
+                                                                        mnist_with_stand_in_fid):
+    real_save, writes = torch.save, []
+
+    def save_killed_on_second_checkpoint(obj, path, *args, **kwargs):
+        if Path(path).name == "checkpoint.tmp":
+            writes.append(1)
+            if len(writes) == 2:
+                Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")
+                raise KeyboardInterrupt
+        return real_save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save_killed_on_second_checkpoint)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
+    monkeypatch.setattr(torch, "save", real_save)
+    checkpoint = btvae.read_checkpoint(out / "checkpoint.pt", config(*mnist_with_stand_in_fid, "--out", out))
+    assert len(checkpoint["history"]) == 1
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--resume"])
+    assert (out / "metrics.json").is_file()
+
+
+def test_a_real_sigterm_to_a_running_process_then_resume(tmp_path):
+    make_mnist(tmp_path / "data")
+    out = tmp_path / "run"
+    command = [sys.executable, str(HERE / "btvae.py"), "--data-dir", str(tmp_path / "data"), "--patience", "30",
+               "--fid-samples", "0", "--out", str(out)]
+    process = subprocess.Popen([*command, "--epochs", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == 130, error
+    assert "To continue:" in error and "--resume" in error
+    epochs_done = len(torch.load(out / "checkpoint.pt", weights_only=True)["history"])
+    assert 1 <= epochs_done < 30
+    refused = subprocess.run([*command, "--epochs", "40", "--resume"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--epochs 30 (now 40)" in refused.stderr  # other settings are refused...
+    resumed = subprocess.run([*command, "--epochs", "30", "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr  # ...the same ones continue
+    assert f"resuming after epoch {epochs_done}" in resumed.stdout and (out / "metrics.json").is_file()
+
+
+def test_resuming_a_finished_run_does_nothing_and_rerunning_it_is_refused(tmp_path, capsys, mnist_with_stand_in_fid):
+    out = tmp_path / "run"
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
+    written = (out / "metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--resume"])
+    assert "finished run: nothing to resume" in capsys.readouterr().out
+    assert (out / "metrics.json").stat().st_mtime_ns == written
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
+    assert exit_info.value.code == 2 and "add --resume to continue it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncated", "is not a readable btvae checkpoint"),
+    ("foreign", "is not a readable btvae checkpoint (no early_stopping, history"),
+    ("missing", "does not exist, so there is nothing to resume"),
+])
+def test_unusable_checkpoints_are_one_line_errors(damage, expected, tmp_path, capsys, mnist_with_stand_in_fid):
+    out = tmp_path / "run"
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--epochs", "1"])
+    (out / "metrics.json").unlink()
+    checkpoint = out / "checkpoint.pt"
+    if damage == "truncated":
+        checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    elif damage == "foreign":
+        torch.save({"settings": {}, "model": {}, "optimiser": {}, "torch_rng": torch.get_rng_state()}, checkpoint)
+    else:
+        checkpoint.unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--epochs", "1", "--resume"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1 and expected in error
+
+
+def test_model_file_from_another_architecture_is_a_usage_error(tmp_path):
+    path = tmp_path / "model.pt"
+    btvae.save_model(btvae.ConvVAE(1, 32, latent_dim=8), config(), path)
+    saved = torch.load(path, weights_only=True)
+    saved["architecture"]["latent_dim"] = 2  # weights of one architecture, labelled as another
+    torch.save(saved, path)
+    with pytest.raises(btvae.UsageError, match="do not fit its architecture"):
+        btvae.load_model(path)
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    batches = [1, 2, 3]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert btvae.progress(batches, "train") is batches
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = btvae.progress(batches, "train")
+    assert list(bar) == batches and type(bar).__name__ == "tqdm"
+
+
+# ---------------------------------------------------------------------------
 # Bad input: one line, exit status 2, nothing written
 # ---------------------------------------------------------------------------
 
@@ -783,9 +965,12 @@ def test_run_all_end_to_end_resumes_and_carries_on_past_a_failing_run(tmp_path):
     assert "REDUCED BUDGET" in table  # 1 epoch and no FID is not the paper's budget
     assert (results / "figure3.png").is_file()
 
-    shutil.rmtree(results / "runs" / "mnist_lam2=0.025_seed1")
+    shutil.rmtree(results / "runs" / "mnist_lam2=0.025_seed1")  # never run
+    (results / "runs" / "mnist_lam2=0_seed0" / "metrics.json").unlink()  # interrupted after its last epoch
     second = run_sweep(tmp_path)
     assert second.returncode == 0, second.stderr
     started = [line for line in second.stdout.splitlines() if line.startswith("start:")]
-    assert sorted(started) == ["start: mnist_lam2=0.025_seed1", "start: mnist_lam2=nan_seed0", "start: mnist_lam2=nan_seed1"]
+    assert sorted(started) == ["start: mnist_lam2=0.025_seed1", "start: mnist_lam2=0_seed0",
+                               "start: mnist_lam2=nan_seed0", "start: mnist_lam2=nan_seed1"]
     assert (results / "runs" / "mnist_lam2=0.025_seed1" / "metrics.json").is_file()
+    assert "resuming after epoch 1 (training had finished)" in (results / "runs" / "mnist_lam2=0_seed0" / "log.txt").read_text()
