@@ -431,7 +431,7 @@ def test_undecodable_image_in_a_folder_is_a_usage_error(tmp_path):
 def test_early_stopping_stops_after_patience_epochs_and_restores_the_best_weights(tmp_path, monkeypatch):
     val_losses = iter([5.0, 4.0, 3.0, 3.5, 3.0, 3.2, 2.0])  # best at epoch 3; 3 epochs without improvement after
 
-    def scripted_epoch(model, images, cfg, device, optimiser=None, generator=None):
+    def scripted_epoch(model, images, cfg, device, optimiser=None, generator=None, stop=None):
         if optimiser is not None:  # a training epoch: change the weights, so each epoch's are recognisable
             with torch.no_grad():
                 model.to_mu.bias.add_(1)
@@ -561,7 +561,8 @@ def test_fid_without_reachable_weights_is_unavailable_not_a_crash(tmp_path, monk
 # The command line, end to end, on fabricated data
 # ---------------------------------------------------------------------------
 
-EXPECTED_OUTPUTS = {"config.json", "metrics.json", "history.csv", "model.pt", "samples.png", "reconstructions.png"}
+EXPECTED_OUTPUTS = {"config.json", "metrics.json", "history.csv", "model.pt", "checkpoint.pt", "samples.png",
+                    "reconstructions.png"}
 EXPECTED_METRICS = {"fid", "precision", "recall", "best_val_loss", "best_epoch", "epochs_trained", "stopped_early",
                     "train_seconds", "images_per_second", "fid_seconds"}
 
@@ -632,7 +633,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_best_weights(tmp_path, monkeypatch
     assert exit_info.value.code == 1
     error = capsys.readouterr().err
     assert "NaN" in error and "epoch 2" in error and len(error.strip().splitlines()) == 1
-    assert {p.name for p in out.iterdir()} == {"config.json", "history.csv", "model.pt"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "history.csv", "model.pt", "checkpoint.pt"}
+    assert len(torch.load(out / "checkpoint.pt", weights_only=True)["history"]) == 1  # epoch 1, before the NaN
     model = btvae.load_model(out / "model.pt")
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
 
