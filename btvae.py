@@ -24,10 +24,12 @@ like the paper:
     2. Model                   convolutional encoder and decoder (Sec. 2.1.1, 2.1.2, 3.3)
     3. Reparameterisation      z = mu + sigma * eps (Sec. 2.1)
     4. Losses                  ELBO (Eq. 2), Barlow Twins (Eq. 3), BTVAE (Eq. 4)
-    5. Training                Adam with early stopping on the validation loss (Sec. 3.3)
+    5. Training                Adam with early stopping on the validation loss (Sec. 3.3),
+                               a checkpoint after every epoch, --resume
     6. Sampling                the 12x12 sample grids of Figure 2 (Sec. 3.2)
-    7. FID                     Frechet Inception Distance, Table 1 (Sec. 3.1)
-    8. Main                    one run: train, sample, measure, write everything to --out
+    7. FID                     Frechet Inception Distance, Table 1 (Sec. 3.1), precision and recall
+    8. Main                    one run: train, sample, measure, write everything to --out;
+                               speed settings that leave the method unchanged (prepare_for_speed)
 
 Where the paper's text and the authors' released code disagree, this file
 follows the decisions listed in README.md ("Deviations"); each one is also
