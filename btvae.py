@@ -623,7 +623,8 @@ def btvae_loss(model, x, lam1, lam2, bt_on="mu", bt_offdiag=5e-3):
 # Adam, learning rate 0.005, no weight decay, batches of 64; after each epoch
 # the loss on the validation split, with the same weights as in training. The
 # run stops when it has not improved for `patience` epochs (or after `epochs`)
-# and ends with the best epoch's weights.
+# and ends with the best epoch's weights. Long runs get interrupted, so every
+# epoch also ends with a checkpoint from which --resume continues exactly.
 # =============================================================================
 
 def batch_indices(count, batch_size, generator=None):
