@@ -50,7 +50,7 @@ def training_setup(channels, size, lam2, project, device):
     model = btvae.ConvVAE(channels, size, cfg.hidden_dims, cfg.latent_dim).to(device)
     if project:
         btvae.prepare_for_speed(model, [], cfg, device)
-        optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
+        optimiser = btvae.make_optimiser(model, cfg, device)
     else:
         optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     return model, optimiser, cfg

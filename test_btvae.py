@@ -643,7 +643,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_best_weights(tmp_path, monkeypatch
 # Interruption and --resume
 # ---------------------------------------------------------------------------
 
-TIMINGS = {"train_seconds", "images_per_second", "fid_seconds", "elapsed_seconds"}
+TIMINGS = {"train_seconds", "train_loop_seconds", "images_per_second", "fid_seconds", "elapsed_seconds"}
 RUN_ARGS = ["--epochs", "4", "--patience", "10", "--fid-samples", "40", "--batch-size", "60"]  # 3 + 1 batches an epoch
 
 
