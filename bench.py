@@ -8,20 +8,27 @@ Every figure is measured in this one run, alternating the configurations it
 compares, so the ratios hold even on a shared, noisy machine.
 
 - "plain": the eager float32 step anyone would write first: contiguous (NCHW)
-  tensors, torch.optim.Adam's default implementation.
+  tensors, torch.optim.Adam's default implementation, the C library's default
+  memory allocator.
 - "project": what btvae.py does by default (prepare_for_speed): channels_last,
-  fused Adam, and mixed precision where --precision auto turns it on.
+  fused Adam, freed memory kept in the process (keep_freed_memory), and mixed
+  precision where --precision auto turns it on.
 
-Both run btvae.run_epoch, the loop a real run uses, on a synthetic uint8 data
-set, so data slicing and scaling are included.
+The allocator setting is process-wide and cannot be undone, so each
+configuration runs in a process of its own (`--measure plain|project`), and
+the rounds alternate plain and project processes. Both run btvae.run_epoch, the
+loop a real run uses, on a synthetic uint8 data set, so data slicing and
+scaling are included.
 """
 
 import argparse
-from pathlib import Path
+import json
 import os
 import platform
-import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -63,20 +70,22 @@ def images_per_second(setup, images, device):
     return seen / (time.perf_counter() - start)
 
 
-def bench_training(steps, repeats, device):
-    rows = []
+def bench_training(kind, steps, repeats, device):
+    """Images per second of VAE and BTVAE steps in one configuration, for every shape (the best of `repeats`)."""
+    rows = {}
     for name, (channels, size) in SHAPES.items():
         images = torch.randint(0, 256, (64 * steps, channels, size, size), dtype=torch.uint8)
-        setups = {(objective, kind): training_setup(channels, size, lam2, kind == "project", device)
-                  for objective, lam2 in (("VAE", 0.0), ("BTVAE", 0.025)) for kind in ("plain", "project")}
+        setups = {objective: training_setup(channels, size, lam2, kind == "project", device)
+                  for objective, lam2 in (("VAE", 0.0), ("BTVAE", 0.025))}
         for setup in setups.values():  # warm-up: oneDNN primitive caches, allocator
             images_per_second(setup, images[:64 * 3], device)
-        speed = {key: [] for key in setups}
+        speed = {objective: [] for objective in setups}
         for _ in range(repeats):
-            for key, setup in setups.items():
-                speed[key].append(images_per_second(setup, images, device))
-        best = {key: max(values) for key, values in speed.items()}
-        rows.append((name, best, data_share(channels, size, DATASET_SIZES[name], best[("BTVAE", "project")], device)))
+            for objective, setup in setups.items():
+                speed[objective].append(images_per_second(setup, images, device))
+        rows[name] = {objective: max(values) for objective, values in speed.items()}
+        if kind == "project":
+            rows[name]["data share"] = data_share(channels, size, DATASET_SIZES[name], rows[name]["BTVAE"], device)
     return rows
 
 
@@ -91,56 +100,92 @@ def data_share(channels, size, dataset_size, step_images_per_second, device):
     return data_seconds_per_image / (data_seconds_per_image + 1 / step_images_per_second)
 
 
-def bench_fid(data_dir, weights, count, model_path, device):
-    """A finished run's FID: straightforward torchmetrics use against btvae.fid_precision_recall with cached real features."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
+def bench_fid(kind, data_dir, weights, count, model_path, device):
+    """A finished run's FID, as (value, seconds). plain: straightforward torchmetrics use (a fresh metric, real
+    and fake images both through the network). project: btvae.fid_precision_recall with the real features cached."""
     cfg = btvae.parse_config(["--dataset", "mnist", "--data-dir", str(data_dir)])
     _, _, test = btvae.load_data(cfg)
     real = test.images[:count]
     model = btvae.load_model(model_path, device) if model_path else btvae.ConvVAE(1, 32).to(device).eval()
     fake = torch.cat([btvae.generate(model, 100, torch.Generator().manual_seed(0), device)
-                      for _ in range(0, count, 100)])[:count]  # the same images for both ways
+                      for _ in range(0, count, 100)])[:count]  # the same images in both processes
 
-    start = time.perf_counter()  # straightforward: a fresh metric, real and fake images both through the network
-    metric = FrechetInceptionDistance(feature=64, feature_extractor_weights_path=str(weights))
-    for i in range(0, count, 100):
-        metric.update(btvae.to_fid_input(real[i:i + 100]), real=True)
-        metric.update(btvae.to_fid_input(fake[i:i + 100]), real=False)
-    plain_fid, plain_seconds = float(metric.compute()), time.perf_counter() - start
+    if kind == "plain":
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        start = time.perf_counter()
+        metric = FrechetInceptionDistance(feature=64, feature_extractor_weights_path=str(weights))
+        for i in range(0, count, 100):
+            metric.update(btvae.to_fid_input(real[i:i + 100]), real=True)
+            metric.update(btvae.to_fid_input(fake[i:i + 100]), real=False)
+        return float(metric.compute()), time.perf_counter() - start
 
-    cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_fid_real_{count}.pt"
-    cache.unlink(missing_ok=True)
-    batches = iter(fake.split(btvae.FID_BATCH))
-    btvae.fid_precision_recall(btvae.make_fid_metric(64, weights), real, lambda n: next(batches), count, cache, device)
-    batches = iter(fake.split(btvae.FID_BATCH))
-    start = time.perf_counter()  # the project's way, as a finished run does it: the real statistics come from the cache
-    project_fid = btvae.fid_precision_recall(btvae.make_fid_metric(64, weights), real, lambda n: next(batches), count,
-                                             cache, device)["fid"]  # and precision and recall, included in the time
-    project_seconds = time.perf_counter() - start
-    cache.unlink(missing_ok=True)
-    return plain_fid, plain_seconds, project_fid, project_seconds
+    if device.type == "cpu":
+        btvae.keep_freed_memory()  # as after training in a real run (prepare_for_speed)
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_fid_real_{os.getpid()}.pt"
+    try:
+        batches = iter(fake.split(btvae.FID_BATCH))  # untimed: fills the cache of real features, as a first run does
+        btvae.fid_precision_recall(btvae.make_fid_metric(64, weights), real, lambda n: next(batches), count, cache, device)
+        batches = iter(fake.split(btvae.FID_BATCH))
+        start = time.perf_counter()  # a finished run's way: real statistics from the cache, precision and recall included
+        fid = btvae.fid_precision_recall(btvae.make_fid_metric(64, weights), real, lambda n: next(batches), count,
+                                         cache, device)["fid"]
+        return fid, time.perf_counter() - start
+    finally:
+        cache.unlink(missing_ok=True)
+
+
+def measure_in_subprocess(kind, args, what):
+    """Run `python bench.py --measure kind --what what` and return what it printed (JSON)."""
+    command = [sys.executable, __file__, "--measure", kind, "--what", what, "--steps", str(args.steps),
+               "--repeats", str(args.repeats), "--device", args.device, "--fid-images", str(args.fid_images)]
+    for flag, value in (("--data-dir", args.data_dir), ("--fid-weights", args.fid_weights), ("--model", args.model)):
+        if value is not None:
+            command += [flag, str(value)]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        sys.exit(f"bench.py --measure {kind} --what {what} failed:\n{finished.stderr.strip()}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def measure(args, device):
+    """The body of a measuring process: prints one line of JSON."""
+    if args.what == "training":
+        result = bench_training(args.measure, args.steps, args.repeats, device)
+    else:
+        result = bench_fid(args.measure, args.data_dir, args.fid_weights, args.fid_images, args.model, device)
+    print(json.dumps(result))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="training steps per timed epoch")
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per configuration (the best counts)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per configuration and process")
+    parser.add_argument("--rounds", type=int, default=2, help="plain and project processes, alternating (the best counts)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--data-dir", type=Path, default=None, help="data root with MNIST, for the FID benchmark")
     parser.add_argument("--fid-weights", type=Path, default=None, help="FID Inception weights, for the FID benchmark")
     parser.add_argument("--fid-images", type=int, default=2000, help="images per set in the FID benchmark")
     parser.add_argument("--model", type=Path, default=None, help="a run's model.pt to generate FID images with")
+    parser.add_argument("--measure", choices=("plain", "project"), help=argparse.SUPPRESS)
+    parser.add_argument("--what", choices=("training", "fid"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = btvae.pick_device(args.device)
+    if args.measure:
+        return measure(args, device)
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
           f"device {device}; project precision: {'bf16 mixed' if btvae.use_bf16('auto', device) else 'fp32'}")
-    print(f"training: images/s over {args.steps}-step epochs of btvae.run_epoch (batch 64), best of {args.repeats}\n")
+    print(f"training: images/s over {args.steps}-step epochs of btvae.run_epoch (batch 64), "
+          f"best of {args.repeats} epochs x {args.rounds} processes\n")
+    rounds = [{kind: measure_in_subprocess(kind, args, "training") for kind in ("plain", "project")}
+              for _ in range(args.rounds)]
     print("| shape | VAE plain | VAE project | speed-up | BTVAE plain | BTVAE project | speed-up "
           "| BTVAE/VAE step cost, plain | project | data loading share |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, best, share in bench_training(args.steps, args.repeats, device):
+    for name in SHAPES:
+        best = {(objective, kind): max(r[kind][name][objective] for r in rounds)
+                for objective in ("VAE", "BTVAE") for kind in ("plain", "project")}
+        share = min(r["project"][name]["data share"] for r in rounds)
         vae_plain, vae_project = best[("VAE", "plain")], best[("VAE", "project")]
         bt_plain, bt_project = best[("BTVAE", "plain")], best[("BTVAE", "project")]
         print(f"| {name} | {vae_plain:,.0f} | {vae_project:,.0f} | {vae_project / vae_plain:.2f}x "
@@ -148,14 +193,15 @@ def main():
               f"| {vae_plain / bt_plain:.2f}x | {vae_project / bt_project:.2f}x | {share:.2%} |")
 
     if args.data_dir and args.fid_weights:
-        plain_fid, plain_s, project_fid, project_s = bench_fid(
-            args.data_dir, args.fid_weights, args.fid_images, args.model, device)
+        (plain_fid, plain_s), (project_fid, project_s) = (measure_in_subprocess(kind, args, "fid")
+                                                          for kind in ("plain", "project"))
         n = args.fid_images
         print(f"\nFID-64 of {n} generated MNIST images against {n} test images:")
         print("| way | seconds | generated images/s | FID |\n| --- | --- | --- | --- |")
         print(f"| straightforward torchmetrics (fresh metric, real and fake through) | {plain_s:.1f} | {n / plain_s:.0f} "
               f"| {plain_fid:.6f} |")
-        print(f"| btvae.fid_precision_recall (also precision and recall), real features cached | {project_s:.1f} | {n / project_s:.0f} | {project_fid:.6f} |")
+        print(f"| btvae.fid_precision_recall (also precision and recall), real features cached | {project_s:.1f} "
+              f"| {n / project_s:.0f} | {project_fid:.6f} |")
         print(f"speed-up {plain_s / project_s:.2f}x; FID relative difference {abs(project_fid - plain_fid) / abs(plain_fid):.1e}")
 
 
