@@ -92,10 +92,10 @@ def bench_training(kind, steps, repeats, device):
 def data_share(channels, size, dataset_size, step_images_per_second, device):
     """Share of an epoch spent slicing batches out of a data-set-sized uint8 tensor and scaling them."""
     images = torch.empty(dataset_size, channels, size, size, dtype=torch.uint8)  # the real size; values do not matter
-    batches = btvae.batch_indices(dataset_size, 64, torch.Generator().manual_seed(0))[:200]
+    batches = btvae.batch_indices(dataset_size, 64, torch.Generator().manual_seed(0), images.device)[:200]
     start = time.perf_counter()
     for index in batches:
-        btvae.to_model_range(images[index.to(images.device)].to(device, non_blocking=True))
+        btvae.load_batch(images, index, device)
     data_seconds_per_image = (time.perf_counter() - start) / (64 * len(batches))
     return data_seconds_per_image / (data_seconds_per_image + 1 / step_images_per_second)
 

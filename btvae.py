@@ -629,17 +629,23 @@ def btvae_loss(model, x, lam1, lam2, bt_on="mu", bt_offdiag=5e-3):
 # epoch also ends with a checkpoint from which --resume continues exactly.
 # =============================================================================
 
-def batch_indices(count, batch_size, generator=None):
-    """Index tensors of full batches, shuffled if a generator is given.
+def batch_indices(count, batch_size, generator=None, device="cpu"):
+    """Index tensors of full batches, shuffled if a generator is given, on `device` (where the images are).
 
     The last incomplete batch is dropped: BatchNorm and the Barlow Twins
     standardisation need a real batch, not a remainder of one image. A split
     smaller than one batch is a single batch.
     """
     order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    order = order.to(device)  # once per epoch, not once per batch
     if count <= batch_size:
         return [order]
     return list(order[: count - count % batch_size].split(batch_size))
+
+
+def load_batch(images, index, device):
+    """The uint8 images at `index` as a float batch in [0, 1] on `device` (the images may already be there)."""
+    return to_model_range(images[index].to(device, non_blocking=True))
 
 
 def run_epoch(model, images, cfg, device, optimiser=None, generator=None, stop=None):
@@ -653,10 +659,11 @@ def run_epoch(model, images, cfg, device, optimiser=None, generator=None, stop=N
     totals = torch.zeros(len(LOSS_TERMS), device=device)
     seen = 0
     with torch.set_grad_enabled(training):
-        for index in progress(batch_indices(len(images), cfg.batch_size, generator), "train" if training else "validate"):
+        batches = batch_indices(len(images), cfg.batch_size, generator, images.device)
+        for index in progress(batches, "train" if training else "validate"):
             if stop is not None and stop.requested:
                 raise RunInterrupted()
-            x = to_model_range(images[index.to(images.device)].to(device, non_blocking=True))
+            x = load_batch(images, index, device)
             terms = btvae_loss(model, x, cfg.lam1, cfg.lam2, cfg.bt_on, cfg.bt_offdiag)
             if training:
                 optimiser.zero_grad(set_to_none=True)
@@ -920,7 +927,7 @@ def fid_precision_recall(metric, real_images, make_fake_batch, count, real_featu
     from torch_fidelity.metric_prc import prc_features_to_metric
 
     metric = metric.to(device)
-    if device.type != "mps":  # channels_last doubles the Inception convolutions' speed; same features to ~1e-8
+    if prefers_channels_last(device):  # doubles the Inception convolutions' speed; same features to ~1e-8
         metric.inception.to(memory_format=torch.channels_last)
     features = []  # each batch's features, as the metric computes them for its own statistics
     hook = metric.inception.register_forward_hook(lambda module, inputs, output: features.append(output.float().cpu()))
@@ -999,15 +1006,20 @@ def keep_freed_memory():
         pass  # not glibc: nothing to set
 
 
+def prefers_channels_last(device):
+    """oneDNN (CPU) and cuDNN (GPU) convolutions run ~1.4x faster on channels_last; MPS keeps the default layout."""
+    return device.type in ("cpu", "cuda")
+
+
 def prepare_for_speed(model, splits, cfg, device):
     """Speed settings that leave the method unchanged (README 'Speed').
 
-    channels_last: oneDNN (CPU) and cuDNN (GPU) convolutions run ~1.4x faster on
-    it; MPS keeps the default layout. On a CPU, freed activations stay in the
-    process (keep_freed_memory). On a GPU the uint8 images move there once if
-    they fit, so a batch never crosses the bus.
+    The model in channels_last where that is faster (prefers_channels_last). On
+    a CPU, freed activations stay in the process (keep_freed_memory). On a GPU
+    the uint8 images move there once if they fit, so a batch never crosses the
+    bus.
     """
-    if device.type in ("cpu", "cuda"):
+    if prefers_channels_last(device):
         model.to(memory_format=torch.channels_last)
     if device.type == "cpu":
         keep_freed_memory()
