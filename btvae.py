@@ -973,7 +973,7 @@ def pick_device(name):
 
 def use_bf16(precision, device):
     """Mixed precision by default only on GPUs with bfloat16. On a CPU with AVX-512 BF16 it trained
-    MNIST 1.1x faster but ended 2% worse in validation loss after 5 epochs (both of 2 seeds; README 'Speed')."""
+    MNIST no faster and ended 2% worse in validation loss after 5 epochs (both of 2 seeds; README 'Speed')."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--precision bf16: this GPU has no bfloat16 support; use --precision fp32")
     if precision == "auto":
