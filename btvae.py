@@ -88,7 +88,7 @@ class RunInterrupted(Exception):
 DATASETS = ("mnist", "cifar10", "celeba", "folder")
 IMAGE_CHANNELS = {"mnist": 1, "cifar10": 3, "celeba": 3, "folder": 3}
 DEFAULT_IMAGE_SIZE = {"mnist": 32, "cifar10": 32, "celeba": 64, "folder": 64}
-FID_FEATURE_SIZES = (64, 192, 768, 2048)  # the Inception-v3 layers torchmetrics offers
+FID_FEATURE_SIZES = (64, 192, 768, 2048)  # the Inception-v3 layers torch-fidelity offers
 
 
 class DefaultsInHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -178,12 +178,46 @@ def build_parser():
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<dataset>_lam2=<value>_seed<seed>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last checkpoint (same settings required)")
+    p.add_argument("--evaluate", type=Path, default=None, metavar="MODEL_PT",
+                   help="measure a trained model.pt instead of training: samples, reconstructions, FID and the latent "
+                        "metrics, with the settings it was trained with (default --out: runs/evaluate/<run name>)")
     return p
+
+
+# With --evaluate, the model file decides these: they are what it was trained with.
+SETTINGS_OF_A_TRAINED_MODEL = ("lam1", "lam2", "bt_offdiag", "latent_dim", "hidden_dims", "image_size", "batch_size",
+                               "lr", "epochs", "patience")
+# and these too, unless given: what it was trained on (the probe and mixture use the same training images),
+# the seed (the same samples), and which embeddings twin_correlation compares.
+DEFAULTS_OF_A_TRAINED_MODEL = ("dataset", "subset", "seed", "bt_on")
+
+
+def take_settings_of_the_model(cfg, argv):
+    """--evaluate: fill cfg with the settings saved in the model file; refuse flags that would contradict them."""
+    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
+    refused = [f"--{name.replace('_', '-')}" for name in (*SETTINGS_OF_A_TRAINED_MODEL, "resume")
+               if f"--{name.replace('_', '-')}" in given]
+    if refused:
+        raise UsageError(f"{', '.join(refused)} cannot be used with --evaluate, which measures the model with the "
+                         "settings it was trained with; leave them out")
+    trained = read_model_file(cfg.evaluate)
+    for name in SETTINGS_OF_A_TRAINED_MODEL + DEFAULTS_OF_A_TRAINED_MODEL:
+        if f"--{name.replace('_', '-')}" not in given:
+            setattr(cfg, name, trained["config"][name])
+    cfg.hidden_dims = tuple(cfg.hidden_dims)
+    channels = trained["architecture"]["channels"]
+    if channels != IMAGE_CHANNELS[cfg.dataset]:
+        raise UsageError(f"--evaluate: {cfg.evaluate} was trained on {channels}-channel images, and --dataset "
+                         f"{cfg.dataset} has {IMAGE_CHANNELS[cfg.dataset]}; pass the data set it was trained on "
+                         f"(--dataset {trained['config']['dataset']})")
 
 
 def parse_config(argv=None):
     """Parse and check every flag, so that bad input fails before anything is read or written."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = build_parser().parse_args(argv)
+    if cfg.evaluate is not None:
+        take_settings_of_the_model(cfg, argv)
     if cfg.image_size is None:
         cfg.image_size = DEFAULT_IMAGE_SIZE[cfg.dataset]
     downsampling = 2 ** len(cfg.hidden_dims)
@@ -206,8 +240,12 @@ def parse_config(argv=None):
     if cfg.cache_dir is None:
         cfg.cache_dir = cfg.data_dir / "btvae_cache"
     if cfg.out is None:
-        cfg.out = Path("runs") / f"{cfg.dataset}_lam2={cfg.lam2:g}_seed{cfg.seed}"
+        cfg.out = Path("runs", *(["evaluate"] if cfg.evaluate else []), f"{cfg.dataset}_lam2={cfg.lam2:g}_seed{cfg.seed}")
     return cfg
+
+
+def shown(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def first_line(error):
@@ -356,12 +394,10 @@ def load_celeba(data_dir, size, cache_dir):
     splits = []
     for code, split_name in enumerate(("train", "valid", "test")):
         cache_file = cache_dir / f"celeba_{split_name}_{size}px.pt"
-        if cache_file.is_file():
-            try:
-                splits.append(Split(torch.load(cache_file, weights_only=True)))
-                continue
-            except Exception as error:
-                print(f"note: the cache {cache_file} is unreadable ({first_line(error)}); decoding again", flush=True)
+        cached = load_from_cache(cache_file)
+        if cached is not None:
+            splits.append(Split(cached))
+            continue
         names = files_by_split[code]
         print(f"decoding {len(names)} CelebA {split_name} images once (cached in {cache_file})", flush=True)
         images = torch.empty(len(names), 3, size, size, dtype=torch.uint8)
@@ -390,6 +426,17 @@ def save_atomically(obj, path):
     temporary = path.with_suffix(".tmp")
     torch.save(obj, temporary)
     temporary.replace(path)
+
+
+def load_from_cache(path):
+    """What save_to_cache kept at path, or None if there is nothing (readable) there: it is then made again."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:
+        print(f"note: the cache {path} is unreadable ({first_line(error)}); making it again", flush=True)
+        return None
 
 
 def save_to_cache(tensor, path):
@@ -511,16 +558,29 @@ def save_model(model, cfg, path):
                      "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}}, path)
 
 
+def read_model_file(path):
+    """The contents of a model.pt (see save_model); anything else is a UsageError."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"architecture", "state_dict", "config"} - set(saved)
+        if missing:
+            raise ValueError(f"no {', '.join(sorted(missing))}")
+        return saved
+    except Exception as error:
+        raise UsageError(f"{path} is not a btvae.py model.pt ({first_line(error)}); "
+                         "pass the model.pt a run wrote") from None
+
+
 def load_model(path, device="cpu"):
     """Rebuild a trained model from the model.pt a run writes (weights plus architecture)."""
+    saved = read_model_file(path)
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-        model = ConvVAE(**checkpoint["architecture"]).to(device)
-        model.load_state_dict(checkpoint["state_dict"])
+        model = ConvVAE(**saved["architecture"])
+        model.load_state_dict(saved["state_dict"])
     except Exception as error:
-        raise UsageError(f"{path} is not a btvae.py model.pt, or its weights do not fit its architecture "
-                         f"({first_line(error)})") from None
-    return model.eval()
+        raise UsageError(f"{path}: its weights do not fit its architecture ({first_line(error)}); "
+                         "pass the model.pt a run wrote") from None
+    return model.to(device).eval()
 
 
 # =============================================================================
@@ -572,12 +632,16 @@ def barlow_twins_loss(z_a, z_b, offdiag_weight=5e-3):
     information). The paper writes C = z_A^T z_B without the standardisation,
     which would make the "1" on the diagonal meaningless.
     """
-    batch_size = z_a.shape[0]
-    cross_correlation = standardise(z_a).T @ standardise(z_b) / batch_size
-    diagonal = torch.diagonal(cross_correlation)
+    c = cross_correlation(z_a, z_b)
+    diagonal = torch.diagonal(c)
     on_diagonal = (1 - diagonal).pow(2).sum()
-    off_diagonal = cross_correlation.pow(2).sum() - diagonal.pow(2).sum()
+    off_diagonal = c.pow(2).sum() - diagonal.pow(2).sum()
     return on_diagonal + offdiag_weight * off_diagonal
+
+
+def cross_correlation(z_a, z_b):
+    """C of Eq. 3: C_ij is the correlation over the batch between feature i of z_a and feature j of z_b."""
+    return standardise(z_a).T @ standardise(z_b) / z_a.shape[0]
 
 
 LOSS_TERMS = ("loss", "recon", "kl", "bt")
@@ -604,19 +668,26 @@ def btvae_loss(model, x, lam1, lam2, bt_on="mu", bt_offdiag=5e-3):
 
     bt = torch.zeros((), device=x.device)
     if lam2 != 0:  # the baseline VAE skips the re-encoding: it costs exactly what a VAE costs
-        # Re-encode the reconstruction (Fig. 1). Gradients flow through both
-        # encoder passes and through x_recon into the decoder, as in the
-        # authors' code. In training mode this pass also updates BatchNorm's
-        # running statistics with reconstructions, as theirs did.
-        mu_recon, logvar_recon = model.encode(x_recon)
-        if bt_on == "mu":  # the paper's z_gt and z_recon, taken as the posterior means
-            bt = barlow_twins_loss(mu, mu_recon, bt_offdiag)
-        elif bt_on == "z":  # sampled embeddings
-            bt = barlow_twins_loss(z, reparameterise(mu_recon, logvar_recon), bt_offdiag)
-        else:  # "mu+logvar", what the authors' released code computed
-            bt = barlow_twins_loss(mu, mu_recon, bt_offdiag) + barlow_twins_loss(logvar, logvar_recon, bt_offdiag)
+        bt = sum(barlow_twins_loss(z_gt, z_recon, bt_offdiag)
+                 for z_gt, z_recon in twins(model, mu, logvar, z, x_recon, bt_on))
         loss = loss + lam2 * bt
     return {"loss": loss, "recon": recon, "kl": kl, "bt": bt}
+
+
+def twins(model, mu, logvar, z, x_recon, bt_on):
+    """The pairs of embeddings (z_gt, z_recon) that the Barlow Twins loss compares (Fig. 1).
+
+    Re-encodes the reconstruction. Gradients flow through both encoder passes
+    and through x_recon into the decoder, as in the authors' code. In training
+    mode this pass also updates BatchNorm's running statistics with
+    reconstructions, as theirs did.
+    """
+    mu_recon, logvar_recon = model.encode(x_recon)
+    if bt_on == "mu":  # the paper's z_gt and z_recon, taken as the posterior means
+        return [(mu, mu_recon)]
+    if bt_on == "z":  # sampled embeddings
+        return [(z, reparameterise(mu_recon, logvar_recon))]
+    return [(mu, mu_recon), (logvar, logvar_recon)]  # "mu+logvar", what the authors' released code computed
 
 
 # =============================================================================
@@ -857,11 +928,17 @@ def train(model, train_images, val_images, cfg, device, out_dir=None, log=print,
 # =============================================================================
 
 @torch.no_grad()
-def generate(model, count, generator, device):
-    """`count` images decoded from prior samples; the generator makes them the same on every device."""
+def generate(model, count, generator, device, mixture=None):
+    """`count` images decoded from the prior N(0, I), or from a mixture fitted to the latents (Section 8).
+
+    z is drawn on the CPU with `generator`, so the images are the same on every device.
+    """
     model.eval()
-    z = torch.randn(count, model.architecture["latent_dim"], generator=generator).to(device)
-    return model.decode(z)
+    if mixture is None:
+        z = torch.randn(count, model.architecture["latent_dim"], generator=generator)
+    else:
+        z = mixture.sample(count, generator)
+    return model.decode(z.to(device))
 
 
 @torch.no_grad()
@@ -876,21 +953,24 @@ def reconstruct(model, images):
 # 7. FID (Sec. 3.1, Table 1), and precision and recall
 #
 # The Frechet distance between Gaussians fitted to Inception-v3 features of
-# test images and of generated ones; lower is better. As in the paper,
-# torchmetrics with the 64-dimensional feature layer and 10,000 samples. Images
-# go in as uint8 in [0, 255] with 3 channels: the authors' code cast [-1, 1]
-# outputs straight to uint8, so negative pixels wrapped around to bright ones.
+# test images and of generated ones; lower is better. As in the paper, the
+# 64-dimensional feature layer and 10,000 samples. The network is the TF FID
+# Inception-v3 as torch-fidelity provides it (the one TorchMetrics runs),
+# resizing to 299 x 299 as TensorFlow 1 did. Images go in as uint8 in
+# [0, 255] with 3 channels: the authors' code cast [-1, 1] outputs straight to
+# uint8, so negative pixels wrapped around to bright ones.
 #
 # Beyond the paper: FID mixes two failures, unrealistic samples and missing
 # variety. The paper's claim is about variety ("more diverse" samples), so
 # runs also report precision (the share of samples that fall within the real
 # images' feature manifold) and recall (the share of real images that fall
-# within the samples' manifold) of Kynkaanniemi et al. (2019), computed by
-# torch-fidelity with 3 nearest neighbours in the same 64-d Inception features.
+# within the samples' manifold) of Kynkaanniemi et al. (2019), with 3 nearest
+# neighbours in the same 64-d Inception features.
 # =============================================================================
 
 FID_BATCH = 50  # images resized to 299 x 299 per batch (~280 MB of activations); ran faster than 100 or 200
 PRECISION_RECALL_NEIGHBOURS = 3  # Kynkaanniemi et al.'s k
+DISTANCE_ROWS = 1000  # rows of a distance matrix held at once: 1,000 x 10,000 floats is 40 MB
 
 
 def to_fid_input(images):
@@ -899,66 +979,203 @@ def to_fid_input(images):
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-def make_fid_metric(feature, weights_path=None):
-    """torchmetrics' FID that keeps the real images' statistics across resets.
+def make_fid_network(feature, weights_path=None):
+    """The FID Inception-v3 (torch-fidelity's), giving the `feature`-dimensional layer.
 
-    Raises FIDUnavailable when the Inception weights cannot be loaded or
-    downloaded, so that a finished run still ends well, with FID null.
+    Raises FIDUnavailable when its weights cannot be loaded or downloaded, so
+    that a finished run still ends well, with FID null.
     """
     try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        return FrechetInceptionDistance(feature=feature, reset_real_features=False,
-                                        feature_extractor_weights_path=None if weights_path is None else str(weights_path))
+        from torch_fidelity import FeatureExtractorInceptionV3
+        return FeatureExtractorInceptionV3("inception-v3-compat", [str(feature)],
+                                           feature_extractor_weights_path=None if weights_path is None else str(weights_path))
     except Exception as error:
         raise FIDUnavailable(f"{first_line(error)}; pass --fid-weights with a local copy of the Inception weights") from None
 
 
 @torch.inference_mode()
-def fid_precision_recall(metric, real_images, make_fake_batch, count, real_features_path=None,
-                         device=torch.device("cpu")):
-    """FID, precision and recall of `count` generated images against `count` test images.
+def inception_features(network, make_batch, count, device, description="FID"):
+    """Features of `count` images, FID_BATCH at a time; make_batch(n) gives the next n ([0, 1] floats or uint8)."""
+    features = []
+    for start in progress(range(0, count, FID_BATCH), description):
+        images = to_fid_input(make_batch(min(FID_BATCH, count - start)).to(device))
+        features.append(network(images)[0].float().cpu())  # torch-fidelity returns one tensor per layer asked for
+    return torch.cat(features)
 
-    real_images: uint8 N x C x H x W, the first `count` of which are used.
-    make_fake_batch(n): n generated images in [0, 1].
-    real_features_path: where the test images' Inception features are cached;
-    every run of a sweep compares against the same test images, so they go
-    through the network once.
+
+def frechet_distance(real, fake):
+    """FID = ||m_r - m_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) for Gaussians N(m, S) fitted to two feature sets.
+
+    Tr((S_r S_f)^(1/2)) is the sum of the square roots of the eigenvalues of
+    S_r S_f, which are real and non-negative (up to rounding, hence .real).
     """
-    from torch_fidelity.metric_prc import prc_features_to_metric
+    def mean_and_covariance(features):
+        features = features.double()
+        mean = features.mean(dim=0)
+        centred = features - mean
+        return mean, centred.T @ centred / (len(features) - 1)
 
-    metric = metric.to(device)
-    if prefers_channels_last(device):  # doubles the Inception convolutions' speed; same features to ~1e-8
-        metric.inception.to(memory_format=torch.channels_last)
-    features = []  # each batch's features, as the metric computes them for its own statistics
-    hook = metric.inception.register_forward_hook(lambda module, inputs, output: features.append(output.float().cpu()))
-    try:
-        if real_features_path is not None and real_features_path.is_file():
-            real = torch.load(real_features_path, weights_only=True)
-            as_double = real.double().to(device)  # the statistics torchmetrics' update() would have summed
-            metric.real_features_sum = as_double.sum(dim=0)
-            metric.real_features_cov_sum = as_double.T @ as_double
-            metric.real_features_num_samples = torch.tensor(len(real), device=device)
-        else:
-            for start in progress(range(0, count, FID_BATCH), "FID, test images"):
-                metric.update(to_fid_input(real_images[start:start + FID_BATCH].to(device)), real=True)
-            real = torch.cat(features)
-            features.clear()
-            if real_features_path is not None:
-                save_to_cache(real, real_features_path)
-        for start in progress(range(0, count, FID_BATCH), "FID, samples"):
-            metric.update(to_fid_input(make_fake_batch(min(FID_BATCH, count - start))), real=False)
-        fake = torch.cat(features)
-    finally:
-        hook.remove()
-    fid = float(metric.compute())
-    metric.reset()  # fake statistics only: the real ones stay for the next call
-    precision_recall = prc_features_to_metric(fake, real, prc_neighborhood=PRECISION_RECALL_NEIGHBOURS,
-                                              prc_batch_size=10000, save_cpu_ram=False, verbose=False)
-    return {"fid": fid, "precision": precision_recall["precision"], "recall": precision_recall["recall"]}
+    (mean_real, cov_real), (mean_fake, cov_fake) = mean_and_covariance(real), mean_and_covariance(fake)
+    trace_sqrt = torch.linalg.eigvals(cov_real @ cov_fake).sqrt().real.sum()
+    return float((mean_real - mean_fake).square().sum() + cov_real.trace() + cov_fake.trace() - 2 * trace_sqrt)
+
+
+def precision_recall(real, fake, neighbours=PRECISION_RECALL_NEIGHBOURS):
+    """Kynkaanniemi et al.'s precision and recall of two feature sets.
+
+    Each set's manifold is the union of balls around its points, each ball as
+    wide as the distance from its point to the point's k-th nearest neighbour
+    in the same set. Precision: the share of fake points inside the real
+    manifold (realism). Recall: the share of real points inside the fake
+    manifold (coverage).
+    """
+    def radii(points):  # the (k+1)-th smallest distance, since the nearest point is the point itself
+        return torch.cat([torch.cdist(rows, points).kthvalue(neighbours + 1, dim=1).values
+                          for rows in points.split(DISTANCE_ROWS)])
+
+    def share_inside(points, centres):
+        centre_radii = radii(centres)
+        return torch.cat([(torch.cdist(rows, centres) <= centre_radii).any(dim=1)
+                          for rows in points.split(DISTANCE_ROWS)]).float().mean().item()
+
+    return share_inside(fake, real), share_inside(real, fake)
 
 
 # =============================================================================
-# 8. Main: one run, everything written to --out
+# 8. Latent space (beyond the paper)
+#
+# The paper claims a "more expressive latent space", and argues it through the
+# Barlow Twins mechanism: the diagonal term of Eq. 3 makes each latent feature
+# of an image agree with the same feature of its reconstruction, and the
+# off-diagonal term decorrelates the features. FID sees only samples from the
+# prior, mostly their blur. So every run also measures the latent space itself,
+# on the test split, with the model in evaluation mode:
+#
+#   active_units        how many dimensions carry information about the image
+#   latent_correlation  how redundant the dimensions are (the off-diagonal term's target)
+#   twin_correlation    how well the twins agree (the diagonal term's target)
+#   probe_accuracy      how much of the label a linear classifier can read off
+#   fid_gmm             how good the decoder's images are when z comes from where the
+#                       encoder actually puts images rather than from the prior N(0, I)
+# =============================================================================
+
+ENCODE_BATCH = 500  # images per encoder pass when measuring; any size gives the same numbers in eval mode
+ACTIVE_UNIT_VARIANCE = 0.01  # Burda et al.'s threshold
+MIXTURE_COMPONENTS = 10  # with full covariances, the mixture of Ghosh et al.
+PROBE_MAX_ITERATIONS = 1000  # lbfgs converges in ~100-200 on MNIST; the default 100 stops short
+
+
+@torch.no_grad()
+def encode_split(model, images, device, bt_on=None):
+    """Posterior means of every image of a split (uint8 tensor), in evaluation mode, on the CPU.
+
+    With bt_on, also the Barlow Twins pairs (z_gt, z_recon) of every image, as
+    the training objective forms them: z sampled, decoded, re-encoded.
+    """
+    model.eval()
+    means, pairs = [], []
+    for batch in images.split(ENCODE_BATCH):
+        x = to_model_range(batch.to(device))
+        mu, logvar = model.encode(x)
+        means.append(mu.cpu())
+        if bt_on is not None:
+            z = reparameterise(mu, logvar)
+            pairs.append([(a.cpu(), b.cpu()) for a, b in twins(model, mu, logvar, z, model.decode(z), bt_on)])
+    if bt_on is None:
+        return torch.cat(means)
+    return torch.cat(means), [tuple(torch.cat(side) for side in zip(*pair)) for pair in zip(*pairs)]
+
+
+def active_units(mu):
+    """Dimensions whose posterior mean varies across images by more than 0.01 (Burda et al. 2016, Sec. 5.2).
+
+    A dimension whose mean is the same for every image tells the decoder
+    nothing about the image: the KL term has pulled it onto the prior. A VAE
+    keeps only as many as it needs; the Barlow Twins term, which standardises
+    every feature and asks each to agree with its twin, gives every dimension
+    a job.
+    """
+    return int((mu.var(dim=0) > ACTIVE_UNIT_VARIANCE).sum())
+
+
+def latent_correlation(mu):
+    """Mean |C_ij| over i != j, with C the correlation matrix of mu over the images: redundancy.
+
+    C is Eq. 3's cross-correlation of mu with itself. The off-diagonal term
+    of Eq. 3 pushes the cross-correlation between twins towards the identity,
+    so it should push this down. A dimension that never varies correlates
+    with nothing (standardise's eps keeps it at 0 rather than 0/0).
+    """
+    c = cross_correlation(mu, mu)
+    dims = c.shape[0]
+    if dims < 2:
+        return None
+    return float((c.abs().sum() - c.diagonal().abs().sum()) / (dims * (dims - 1)))
+
+
+def twin_correlation(pairs):
+    """Mean C_ii of Eq. 3 between the embeddings of images and of their reconstructions, over the test split.
+
+    What the diagonal term pushes to 1: how well each feature of an image is
+    kept by its reconstruction. For --bt-on mu+logvar, the mean over both pairs.
+    """
+    return float(torch.cat([cross_correlation(z_gt, z_recon).diagonal() for z_gt, z_recon in pairs]).mean())
+
+
+def probe_accuracy(train_features, train_labels, test_features, test_labels):
+    """Test accuracy of a linear classifier fitted on the training images' features: the linear evaluation
+    of Barlow Twins (Zbontar et al. 2021), here multinomial logistic regression on standardised
+    features. None where there are no labels (CelebA, a folder) or only one class to tell apart.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if train_labels is None or test_labels is None or len(train_labels.unique()) < 2:
+        return None
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=PROBE_MAX_ITERATIONS))
+    classifier.fit(train_features.double().numpy(), train_labels.numpy())
+    return float(classifier.score(test_features.double().numpy(), test_labels.numpy()))
+
+
+class LatentMixture:
+    """A Gaussian mixture over latents, p(z) = sum_k pi_k N(z; m_k, S_k), fitted to the training images'
+    posterior means: ex-post density estimation (Ghosh et al. 2020, "From Variational to Deterministic
+    Autoencoders"). If the encoder puts images where N(0, I) has little mass, samples from the
+    prior decode to images the decoder never learned to draw; samples from this mixture do not.
+    """
+
+    def __init__(self, mu, seed, components=MIXTURE_COMPONENTS):
+        from sklearn.mixture import GaussianMixture
+
+        fitted = GaussianMixture(min(components, len(mu)), covariance_type="full", random_state=seed)
+        fitted.fit(mu.double().numpy())
+        self.weights = torch.from_numpy(fitted.weights_)  # pi_k
+        self.means = torch.from_numpy(fitted.means_)  # m_k
+        self.cholesky = torch.linalg.cholesky(torch.from_numpy(fitted.covariances_))  # L_k with L_k L_k^T = S_k
+
+    def sample(self, count, generator):
+        """Pick component k with probability pi_k, then z = m_k + L_k eps with eps ~ N(0, I)."""
+        k = torch.multinomial(self.weights, count, replacement=True, generator=generator)
+        eps = torch.randn(count, self.means.shape[1], 1, dtype=torch.float64, generator=generator)
+        return (self.means[k] + (self.cholesky[k] @ eps).squeeze(-1)).float()
+
+
+def measure_latent_space(model, train_split, test_split, bt_on, device):
+    """The latent metrics of metrics.json, and what the report's figures need (latent.pt)."""
+    train_mu = encode_split(model, train_split.images, device)
+    test_mu, pairs = encode_split(model, test_split.images, device, bt_on)
+    metrics = {"active_units": active_units(test_mu), "latent_correlation": latent_correlation(test_mu),
+               "twin_correlation": twin_correlation(pairs),
+               "probe_accuracy": probe_accuracy(train_mu, train_split.labels, test_mu, test_split.labels)}
+    figures = {"mu_variance": test_mu.var(dim=0), "mu_correlation": cross_correlation(test_mu, test_mu)}
+    if test_mu.shape[1] <= 2:  # small enough to keep whole: Figure 3 plots it
+        figures.update(test_mu=test_mu, test_labels=test_split.labels)
+    return metrics, figures, train_mu
+
+
+# =============================================================================
+# 9. Main: one run, everything written to --out
 # =============================================================================
 
 def pick_device(name):
@@ -1045,19 +1262,114 @@ def write_csv(rows, path):
 
 def library_versions():
     versions = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__}
-    try:
-        import torchmetrics
-        versions["torchmetrics"] = torchmetrics.__version__  # FID moves slightly between versions (antialias, 1.8)
-    except ImportError:
-        versions["torchmetrics"] = None
+    for name, module in (("torch_fidelity", "torch_fidelity"), ("scikit_learn", "sklearn")):
+        try:
+            versions[name] = __import__(module).__version__
+        except ImportError:
+            versions[name] = None
     return versions
 
 
+def evaluate(model, train_split, test_split, cfg, device):
+    """Everything measured of a trained model; writes the sample grids, reconstructions and latent.pt into
+    cfg.out and returns metrics.json's measurements. A run calls it after training, --evaluate on a saved
+    model, so both give the same numbers for the same model and settings.
+    """
+    sampler = torch.Generator().manual_seed(cfg.seed)
+    save_image(generate(model, 144, sampler, device), cfg.out / "samples.png", nrow=12)
+    originals = to_model_range(test_split.images[:16].to(device))
+    save_image(torch.cat([originals, reconstruct(model, originals)]), cfg.out / "reconstructions.png", nrow=16)
+    fid = fid_measurer(test_split, cfg, device)
+    metrics = {**fid(lambda n: generate(model, n, sampler, device), ""),
+               "fid_samples": cfg.fid_samples, "fid_feature": cfg.fid_feature}
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # the twins' z is sampled: the same draws after training and with --evaluate
+    latent, figures, train_mu = measure_latent_space(model, train_split, test_split, cfg.bt_on, device)
+    metrics.update(latent, latent_seconds=time.perf_counter() - start)
+    save_atomically(figures, cfg.out / "latent.pt")
+    metrics["pixel_probe_accuracy"] = pixel_probe_accuracy(train_split, test_split, cfg)
+    print(f"latent space: {latent['active_units']} of {train_mu.shape[1]} units active, latent correlation "
+          f"{shown(latent['latent_correlation'])}, twin correlation {shown(latent['twin_correlation'])}, "
+          f"probe accuracy {shown(latent['probe_accuracy'])} (on pixels {shown(metrics['pixel_probe_accuracy'])}) "
+          f"({metrics['latent_seconds']:.0f} s)", flush=True)
+
+    start = time.perf_counter()
+    mixture = LatentMixture(train_mu, cfg.seed)
+    metrics["mixture_fit_seconds"] = time.perf_counter() - start
+    mixture_sampler = torch.Generator().manual_seed(cfg.seed)
+    save_image(generate(model, 144, mixture_sampler, device, mixture), cfg.out / "samples_gmm.png", nrow=12)
+    metrics.update(fid(lambda n: generate(model, n, mixture_sampler, device, mixture), "_gmm"))
+    return metrics
+
+
+def fid_measurer(test_split, cfg, device):
+    """A function from a sampler (make_fake_batch) to its FID, precision and recall against the test split,
+    named with a suffix; all None when FID is skipped (--fid-samples 0) or its network cannot be loaded.
+
+    The test images' features are computed on first use and kept in
+    --cache-dir: every run of a sweep compares against the same test images,
+    so they go through the network once.
+    """
+    count = min(cfg.fid_samples, len(test_split))
+    network, real = None, None
+    if cfg.fid_samples:
+        if count < cfg.fid_samples:
+            print(f"note: the test split has only {count} images, so FID uses {count} samples", flush=True)
+        try:
+            network = make_fid_network(cfg.fid_feature, cfg.fid_weights).to(device)
+        except FIDUnavailable as error:
+            print(f"FID skipped, recorded as null: the Inception network could not be loaded ({error})", flush=True)
+    if network is not None and prefers_channels_last(device):  # doubles the convolutions' speed; same features to ~1e-8
+        network.to(memory_format=torch.channels_last)
+    weights_tag = "default" if cfg.fid_weights is None else cfg.fid_weights.stem
+    cache = cfg.cache_dir / (f"inception_real_{cfg.dataset}_{cfg.image_size}px_n{count}_f{cfg.fid_feature}_"
+                             f"{weights_tag}_torch-fidelity{library_versions()['torch_fidelity']}.pt")
+
+    def measure(make_fake_batch, suffix):
+        nonlocal real
+        names = [f"fid{suffix}", f"precision{suffix}", f"recall{suffix}", f"fid{suffix}_seconds"]
+        if network is None:
+            return dict.fromkeys(names)
+        start = time.perf_counter()
+        if real is None:
+            real = load_from_cache(cache)
+        if real is None:
+            test_batches = iter(test_split.images[:count].split(FID_BATCH))
+            real = inception_features(network, lambda n: next(test_batches), count, device, "FID, test images")
+            save_to_cache(real, cache)
+        fake = inception_features(network, make_fake_batch, count, device, "FID, samples")
+        quality = (frechet_distance(real, fake), *precision_recall(real, fake))
+        seconds = time.perf_counter() - start
+        print(f"FID-{cfg.fid_feature}{' of the mixture sampler' if suffix else ''} over {count} samples: "
+              f"{quality[0]:.4f}, precision {quality[1]:.3f}, recall {quality[2]:.3f} ({seconds:.0f} s)", flush=True)
+        return dict(zip(names, (*quality, seconds)))
+    return measure
+
+
+def pixel_probe_accuracy(train_split, test_split, cfg):
+    """The same linear probe on raw pixels: does a latent space help the classifier at all? The same for
+    every run of a data set, so it is computed once and kept in --cache-dir."""
+    if train_split.labels is None:
+        return None
+    cache = cfg.cache_dir / (f"probe_pixels_{cfg.dataset}_{cfg.image_size}px_train{len(train_split)}_"
+                             f"test{len(test_split)}_scikit-learn{library_versions()['scikit_learn']}.pt")
+    accuracy = load_from_cache(cache)
+    if accuracy is None:
+        accuracy = probe_accuracy(to_model_range(train_split.images).flatten(1), train_split.labels,
+                                  to_model_range(test_split.images).flatten(1), test_split.labels)
+        save_to_cache(accuracy, cache)
+    return accuracy
+
+
 def run(cfg):
-    """Train, sample, measure FID; returns metrics.json's contents."""
+    """Train (or, with --evaluate, load) a model, then sample and measure it; returns metrics.json's contents."""
     device = pick_device(cfg.device)
     checkpoint = None
-    if cfg.resume:
+    if cfg.evaluate is not None:
+        if (cfg.out / "metrics.json").is_file():
+            raise UsageError(f"{cfg.out} already holds results; choose another --out (or delete it)")
+    elif cfg.resume:
         checkpoint = read_checkpoint(cfg.out / CHECKPOINT, cfg)
         if (cfg.out / "metrics.json").is_file():
             print(f"{cfg.out} is a finished run: nothing to resume", flush=True)
@@ -1067,7 +1379,10 @@ def run(cfg):
                          "or choose another --out (or delete the folder) to start over")
     torch.manual_seed(cfg.seed)
     train_split, val_split, test_split = load_data(cfg)
-    model = ConvVAE(IMAGE_CHANNELS[cfg.dataset], cfg.image_size, cfg.hidden_dims, cfg.latent_dim).to(device)
+    if cfg.evaluate is not None:
+        model = load_model(cfg.evaluate, device)
+    else:
+        model = ConvVAE(IMAGE_CHANNELS[cfg.dataset], cfg.image_size, cfg.hidden_dims, cfg.latent_dim).to(device)
     train_split, val_split, test_split = prepare_for_speed(model, (train_split, val_split, test_split), cfg, device)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -1077,39 +1392,15 @@ def run(cfg):
                cfg.out / "config.json")
     print(f"{cfg.dataset}: {len(train_split)} train / {len(val_split)} validation / {len(test_split)} test images "
           f"of {tuple(train_split.images.shape[1:])}, lam2 = {cfg.lam2:g}, device {device}"
-          f"{' (bf16 mixed precision)' if model.mixed_precision else ''}, writing to {cfg.out}", flush=True)
+          f"{' (bf16 mixed precision)' if model.mixed_precision else ''}, "
+          f"{'evaluating ' + str(cfg.evaluate) if cfg.evaluate else 'training'}, writing to {cfg.out}", flush=True)
 
-    with GracefulStop() as stop:
-        summary, _ = train(model, train_split.images, val_split.images, cfg, device, cfg.out,
-                           log=lambda line: print(line, flush=True), checkpoint=checkpoint, stop=stop)
-
-    sampler = torch.Generator().manual_seed(cfg.seed)
-    save_image(generate(model, 144, sampler, device), cfg.out / "samples.png", nrow=12)
-    originals = to_model_range(test_split.images[:16].to(device))
-    save_image(torch.cat([originals, reconstruct(model, originals)]), cfg.out / "reconstructions.png", nrow=16)
-
-    quality = {"fid": None, "precision": None, "recall": None}
-    fid_seconds = None
-    if cfg.fid_samples:
-        count = min(cfg.fid_samples, len(test_split))
-        if count < cfg.fid_samples:
-            print(f"note: the test split has only {count} images, so FID uses {count} samples", flush=True)
-        fid_start = time.perf_counter()
-        try:
-            metric = make_fid_metric(cfg.fid_feature, cfg.fid_weights)
-            weights_tag = "default" if cfg.fid_weights is None else cfg.fid_weights.stem
-            cache = cfg.cache_dir / (f"inception_real_{cfg.dataset}_{cfg.image_size}px_n{count}_f{cfg.fid_feature}_"
-                                     f"{weights_tag}_torchmetrics{library_versions()['torchmetrics']}.pt")
-            quality = fid_precision_recall(metric, test_split.images, lambda n: generate(model, n, sampler, device),
-                                           count, cache, device)
-            fid_seconds = time.perf_counter() - fid_start
-            print(f"FID-{cfg.fid_feature} over {count} samples: {quality['fid']:.4f}, precision {quality['precision']:.3f}, "
-                  f"recall {quality['recall']:.3f} ({fid_seconds:.0f} s)", flush=True)
-        except FIDUnavailable as error:
-            print(f"FID skipped, recorded as null: the Inception network could not be loaded ({error})", flush=True)
-
-    metrics = {**quality, "fid_samples": cfg.fid_samples, "fid_feature": cfg.fid_feature, "fid_seconds": fid_seconds,
-               **summary}
+    summary = {}
+    if cfg.evaluate is None:
+        with GracefulStop() as stop:
+            summary, _ = train(model, train_split.images, val_split.images, cfg, device, cfg.out,
+                               log=lambda line: print(line, flush=True), checkpoint=checkpoint, stop=stop)
+    metrics = {**evaluate(model, train_split, test_split, cfg, device), **summary}
     write_json(metrics, cfg.out / "metrics.json")
     return metrics
 

@@ -1,17 +1,23 @@
-"""Turn a folder of finished btvae.py runs into the paper's tables and figures. Trains nothing.
+"""Turn a folder of finished btvae.py runs into the paper's tables and figures. Trains nothing, and needs only
+each run's small files (config.json, metrics.json, history.csv, the sample grids, latent.pt), not its model.pt.
 
     python report.py results            # reads results/runs/*, writes into results/
 
 Writes, beside the runs:
-  table1.md, table1.csv    Table 1: FID (mean and standard deviation over seeds), precision, recall and
-                           epochs trained per data set and lambda2, the paper's value beside ours, and
-                           whether each BTVAE setting beats the VAE by more than the spread between seeds
-  figure2_<dataset>.png    Figure 2: 144 samples of the VAE beside those of the best BTVAE (by mean FID)
+  table1.md, table1.csv    Table 1: per data set and lambda2, mean and standard deviation over seeds of FID (samples
+                           from the prior and from a Gaussian mixture fitted to the latents), precision, recall and
+                           the latent-space metrics, the paper's FID beside ours, and whether each BTVAE setting
+                           differs from the VAE by more than the spread between seeds
+  figure2_<dataset>.png    Figure 2: 144 samples of the VAE beside those of the best BTVAE (by mean FID), from the
+                           prior and from the mixture
+  latent_<dataset>.png     the latent space of the VAE and each BTVAE setting: |correlation| between dimensions of
+                           the posterior mean, and the sorted per-dimension variances with the active-unit threshold
   figure3.png              Figure 3: MNIST test images' posterior means under 2-d VAE and BTVAE, by digit
+  early_stopping.md        how much the validation Barlow Twins term decides which epoch early stopping keeps
   table2_<dataset>/        Table 2's material: the two grids as A and B in a random order, with the paper's
                            question in index.html; the key is table2_<dataset>_key.json, kept apart
 
-run_all.sh calls this after its runs; it kept separate from btvae.py so that file stays about the method.
+run_all.sh calls this after its runs; it is kept separate from btvae.py so that file stays about the method.
 """
 
 import argparse
@@ -27,8 +33,6 @@ import textwrap
 from pathlib import Path
 
 import torch
-
-import btvae
 
 # Table 1 of the paper: FID-64 (their code: 500 samples, the uint8 conversion bug; see README).
 PAPER_TABLE1 = {
@@ -89,6 +93,13 @@ def mean_and_spread(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+# Table 1's metrics: metrics.json's key, the column's title, and the digits shown.
+SAMPLE_METRICS = [("fid", "FID (prior)", 4), ("fid_gmm", "FID (mixture)", 4), ("precision", "precision", 3),
+                  ("recall", "recall", 3)]
+LATENT_METRICS = [("active_units", "active units", 1), ("latent_correlation", "latent correlation", 3),
+                  ("twin_correlation", "twin correlation", 3), ("probe_accuracy", "probe accuracy", 3)]
+
+
 def summarise(runs):
     """One row per (data set, lambda2) of the Table 1 runs (latent dimension as configured, not Figure 3's)."""
     groups = {}
@@ -99,68 +110,98 @@ def summarise(runs):
     for (dataset, _), group in sorted(groups.items(), key=lambda kv: setting_order(kv[1][0])):
         lam2 = group[0]["lam2"]
         finished = [r["metrics"] for r in group if r["metrics"] is not None]
-        fid_mean, fid_std = mean_and_spread([m["fid"] for m in finished])
-        rows.append({
-            "dataset": dataset, "lam2": lam2, "model": "VAE" if lam2 == 0 else "BTVAE",
-            "seeds": ",".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]) if r["metrics"]),
-            "fid_mean": fid_mean, "fid_std": fid_std,
-            "precision_mean": mean_and_spread([m.get("precision") for m in finished])[0],
-            "recall_mean": mean_and_spread([m.get("recall") for m in finished])[0],
-            "epochs_mean": mean_and_spread([m["epochs_trained"] for m in finished])[0],
-            "paper_fid": PAPER_TABLE1.get(lam2, {}).get(dataset),
-            "failed": "; ".join(f"seed {r['seed']}: {r['failure']}" for r in group if r["failure"]),
-        })
+        row = {"dataset": dataset, "lam2": lam2, "model": "VAE" if lam2 == 0 else "BTVAE",
+               "seeds": ",".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]) if r["metrics"]),
+               "epochs_mean": mean_and_spread([m["epochs_trained"] for m in finished])[0],
+               "pixel_probe_accuracy": mean_and_spread([m.get("pixel_probe_accuracy") for m in finished])[0],
+               "paper_fid": PAPER_TABLE1.get(lam2, {}).get(dataset),
+               "failed": "; ".join(f"seed {r['seed']}: {r['failure']}" for r in group if r["failure"])}
+        for key, _, _ in SAMPLE_METRICS + LATENT_METRICS:
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_and_spread([m.get(key) for m in finished])
+        rows.append(row)
     for row in rows:
-        row["versus_vae"] = compare_with_vae(row, rows)
+        vae = next((r for r in rows if r["dataset"] == row["dataset"] and r["lam2"] == 0), None)
+        row["versus_vae"] = compare_with_vae(row, vae, "fid", ("better", "worse"))
+        for key, _, _ in SAMPLE_METRICS[1:] + LATENT_METRICS:
+            row[f"{key}_versus_vae"] = compare_with_vae(row, vae, key, ("lower", "higher"))
     return rows
 
 
-def compare_with_vae(row, rows):
-    """Does this BTVAE setting beat the VAE by more than the spread between seeds?"""
+def compare_with_vae(row, vae, key, words):
+    """Is this setting's mean of `key` above or below the VAE's by more than the spread between seeds (the sum
+    of the two standard deviations)? words: what a lower and a higher value is called."""
     if row["lam2"] == 0:
         return ""
-    vae = next((r for r in rows if r["dataset"] == row["dataset"] and r["lam2"] == 0), None)
-    if vae is None or vae["fid_mean"] is None or row["fid_mean"] is None:
+    if vae is None or vae[f"{key}_mean"] is None or row[f"{key}_mean"] is None:
         return "no comparison (missing runs)"
     if len(row["seeds"].split(",")) < 2 or len(vae["seeds"].split(",")) < 2:
         return "no comparison (needs 2+ seeds each)"
-    gap, spread = vae["fid_mean"] - row["fid_mean"], row["fid_std"] + vae["fid_std"]
-    if gap > spread:
-        return "better than VAE beyond the seed spread"
-    if -gap > spread:
-        return "worse than VAE beyond the seed spread"
-    return "within the seed spread of VAE"
+    gap, spread = row[f"{key}_mean"] - vae[f"{key}_mean"], row[f"{key}_std"] + vae[f"{key}_std"]
+    if abs(gap) <= spread:
+        return "within the seed spread of VAE"
+    return f"{words[gap > 0]} than VAE beyond the seed spread"
 
 
 def number(value, digits=4):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def mean_cell(row, key, digits):
+    """'mean ± sd' and, for a BTVAE setting beyond the seed spread of the VAE, which side of it."""
+    if row[f"{key}_mean"] is None:
+        return "-"
+    cell = f"{row[f'{key}_mean']:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
+    verdict = row.get(f"{key}_versus_vae", "")
+    return f"{cell} **{verdict.split()[0]}**" if "beyond" in verdict else cell
+
+
 def write_table1(rows, out, budget_note):
-    columns = ["dataset", "model", "lam2", "seeds", "fid_mean", "fid_std", "precision_mean", "recall_mean",
-               "epochs_mean", "paper_fid", "versus_vae", "failed", "budget"]
+    keys = [key for key, _, _ in SAMPLE_METRICS + LATENT_METRICS]
+    columns = ["dataset", "model", "lam2", "seeds", *(f"{key}_{part}" for key in keys for part in ("mean", "std")),
+               "versus_vae", *(f"{key}_versus_vae" for key in keys[1:]), "pixel_probe_accuracy", "epochs_mean",
+               "paper_fid", "failed", "budget"]
     with open(out / "table1.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "budget": budget_note or "full"})
+            writer.writerow({**{k: row[k] for k in columns if k != "budget"}, "budget": budget_note or "full"})
 
-    lines = ["# Table 1: FID-64 of BTVAE and the VAE", ""]
+    lines = ["# Table 1: FID-64 of BTVAE and the VAE, and their latent spaces", ""]
     if budget_note:
         lines += [f"> **{budget_note}. Not the paper's protocol; do not compare magnitudes with it.**", ""]
-    lines += ["FID-64 (lower is better) as mean ± standard deviation over the seeds listed; precision and recall "
-              "(Kynkaanniemi et al. 2019, k = 3) in the same Inception features, means over seeds; the paper's FID "
-              "(500 samples, its uint8 conversion bug) for reference only.", "",
-              "| data set | model | lambda2 | seeds | FID | precision | recall | epochs | paper's FID | vs. VAE |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["Mean ± standard deviation over the seeds listed. A BTVAE value marked **higher**, **lower**, "
+              "**better** or **worse** differs from the VAE's by more than the spread between seeds (the sum of the "
+              "two standard deviations); unmarked values are within it.", "",
+              "## Samples", "",
+              "FID-64 (lower is better) of samples decoded from the prior N(0, I) and from a 10-component Gaussian "
+              "mixture fitted to the training images' posterior means; precision and recall (Kynkaanniemi et al. "
+              "2019, k = 3) of the prior's samples in the same Inception features; the paper's FID (500 samples, its "
+              "uint8 conversion bug) for reference only.", "",
+              "| data set | model | lambda2 | seeds | FID (prior) | FID (mixture) | precision | recall | epochs "
+              "| paper's FID | vs. VAE (FID, prior) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         if row["fid_mean"] is not None:
             fid = f"{row['fid_mean']:.4f} ± {row['fid_std']:.4f}"
         else:
             fid = "no FID" if row["seeds"] else "failed"
         lines.append(f"| {row['dataset']} | {row['model']} | {row['lam2']:g} | {row['seeds'] or '-'} | {fid} "
-                     f"| {number(row['precision_mean'], 3)} | {number(row['recall_mean'], 3)} "
-                     f"| {number(row['epochs_mean'], 1)} | {number(row['paper_fid'])} | {row['versus_vae']} |")
+                     f"| {mean_cell(row, 'fid_gmm', 4)} | {number(row['precision_mean'], 3)} "
+                     f"| {number(row['recall_mean'], 3)} | {number(row['epochs_mean'], 1)} "
+                     f"| {number(row['paper_fid'])} | {row['versus_vae']} |")
+    lines += ["", "## Latent space", "",
+              "On the test split, model in evaluation mode: active units (dimensions whose posterior mean varies with "
+              "variance above 0.01), latent correlation (mean |correlation| between different dimensions of the "
+              "posterior mean), twin correlation (mean diagonal of Eq. 3's C between images' and their "
+              "reconstructions' embeddings), probe accuracy (a linear classifier on the posterior means; beside it "
+              "the same classifier on raw pixels).", "",
+              "| data set | model | lambda2 | seeds | active units | latent correlation | twin correlation "
+              "| probe accuracy | probe on pixels |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        cells = " | ".join(mean_cell(row, key, digits) for key, _, digits in LATENT_METRICS)
+        lines.append(f"| {row['dataset']} | {row['model']} | {row['lam2']:g} | {row['seeds'] or '-'} | {cells} "
+                     f"| {number(row['pixel_probe_accuracy'], 3)} |")
     failures = [f"- {r['dataset']} lambda2 = {r['lam2']:g}: {r['failed']}" for r in rows if r["failed"]]
     if failures:
         lines += ["", "Failed or unfinished runs:", *failures]
@@ -187,55 +228,57 @@ def suptitle(figure, title, budget_note):
     figure.suptitle(title, fontsize=10, color="firebrick" if budget_note else "black")
 
 
-def write_figure2(runs, rows, dataset, out, budget_note):
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def write_figure2(runs, rows, dataset, out, budget_note):
+    """The VAE's samples beside the best BTVAE's: from the prior (the paper's Figure 2), and from the mixture."""
+    plt = pyplot()
     lam2 = best_btvae_lam2(rows, dataset)
     pair = [("VAE", representative_run(runs, dataset, 0.0)), (f"BTVAE, lambda2 = {lam2:g}" if lam2 is not None else "BTVAE",
                                                              representative_run(runs, dataset, lam2))]
     if any(run is None for _, run in pair):
         return None
-    figure, axes = plt.subplots(1, 2, figsize=(10, 6), layout="constrained")
-    for axis, (label, run) in zip(axes, pair):
-        axis.imshow(plt.imread(run["folder"] / "samples.png"))
-        axis.set_title(f"{label}\nseed {run['seed']}, FID {run['metrics']['fid']:.4f}", fontsize=10)
-        axis.axis("off")
-    suptitle(figure, f"Figure 2, {dataset}: 144 samples from the prior", budget_note)
+    samplers = [("prior N(0, I)", "samples.png", "fid")]
+    if all((run["folder"] / "samples_gmm.png").is_file() for _, run in pair):
+        samplers.append(("mixture fitted to the latents", "samples_gmm.png", "fid_gmm"))
+    figure, axes = plt.subplots(len(samplers), 2, figsize=(10, 6 * len(samplers)), layout="constrained", squeeze=False)
+    for row, (sampler, file, key) in enumerate(samplers):
+        for axis, (label, run) in zip(axes[row], pair):
+            axis.imshow(plt.imread(run["folder"] / file))
+            axis.set_title(f"{label}, from the {sampler}\nseed {run['seed']}, FID {number(run['metrics'].get(key))}",
+                           fontsize=10)
+            axis.axis("off")
+    suptitle(figure, f"Figure 2, {dataset}: 144 samples", budget_note)
     path = out / f"figure2_{dataset}.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
 
 
-@torch.no_grad()
-def posterior_means(run):
-    """The test images' posterior means under a run's model, with their labels."""
-    config = json.loads((run["folder"] / "config.json").read_text())
-    cfg = btvae.parse_config(["--dataset", config["dataset"], "--data-dir", config["data_dir"],
-                              "--image-size", str(config["image_size"]), "--cache-dir", config["cache_dir"]])
-    _, _, test = btvae.load_data(cfg)
-    model = btvae.load_model(run["folder"] / "model.pt")
-    means = torch.cat([model.encode(btvae.to_model_range(batch))[0] for batch in test.images.split(500)])
-    return means, test.labels
+def latent_file(run):
+    """The run's latent.pt (what btvae.py measured of its latent space), or None for runs made before it existed."""
+    path = run["folder"] / "latent.pt"
+    return torch.load(path, weights_only=True) if path.is_file() else None
 
 
 def write_figure3(runs, out, budget_note):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pair = sorted((r for r in runs if r["folder"].name.startswith("figure3_") and r["metrics"]), key=lambda r: r["lam2"])
     pair = [next((r for r in pair if r["lam2"] == 0), None), next((r for r in pair if r["lam2"] != 0), None)]
-    if any(run is None for run in pair):
+    if any(run is None or latent_file(run) is None for run in pair):
         return None
     figure, axes = plt.subplots(1, 2, figsize=(11, 5.6), layout="constrained")
     for axis, run in zip(axes, pair):
-        means, labels = posterior_means(run)
+        latent = latent_file(run)
+        means = latent["test_mu"]
         normalised = (means - means.mean(0)) / means.std(0)  # the paper's axes: normalised latent values
-        scatter = axis.scatter(normalised[:, 0], normalised[:, 1], c=labels, cmap="tab10", s=2, alpha=0.6,
-                               vmin=-0.5, vmax=9.5)
+        scatter = axis.scatter(normalised[:, 0].numpy(), normalised[:, 1].numpy(), c=latent["test_labels"].numpy(), cmap="tab10", s=2,
+                               alpha=0.6, vmin=-0.5, vmax=9.5)
         axis.set_title("VAE" if run["lam2"] == 0 else f"BTVAE, lambda2 = {run['lam2']:g}")
         axis.set_xlabel("z1 (normalised)")
         axis.set_ylabel("z2 (normalised)")
@@ -244,6 +287,106 @@ def write_figure3(runs, out, budget_note):
     path = out / "figure3.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return path
+
+
+def write_latent_figure(runs, rows, dataset, out, budget_note):
+    """The mechanism at a glance: for the VAE and each BTVAE setting (its median-FID seed), the |correlation|
+    matrix of the posterior means over the test images, and their per-dimension variances, sorted."""
+    plt = pyplot()
+    shown = [(row["lam2"], representative_run(runs, dataset, row["lam2"])) for row in rows if row["dataset"] == dataset]
+    shown = [(lam2, run, latent_file(run)) for lam2, run in shown if run is not None and latent_file(run) is not None]
+    if not shown:
+        return None
+    figure, axes = plt.subplots(2, len(shown), figsize=(2.6 * len(shown) + 1, 6), layout="constrained", squeeze=False)
+    for column, (lam2, run, latent) in enumerate(shown):
+        metrics = run["metrics"]
+        image = axes[0, column].imshow(latent["mu_correlation"].abs().numpy(), vmin=0, vmax=1, cmap="magma")
+        axes[0, column].set_title(f"{'VAE' if lam2 == 0 else f'BTVAE {lam2:g}'} (seed {run['seed']})\n"
+                                  f"mean off-diagonal {number(metrics.get('latent_correlation'), 3)}", fontsize=9)
+        axes[0, column].set_xticks([])
+        axes[0, column].set_yticks([])
+        variances = latent["mu_variance"].sort(descending=True).values.clamp(min=1e-8).numpy()
+        axes[1, column].semilogy(range(1, len(variances) + 1), variances, ".", markersize=3)
+        axes[1, column].axhline(0.01, color="firebrick", linestyle="--", linewidth=1)
+        axes[1, column].set_title(f"{metrics.get('active_units')} active units", fontsize=9)
+        axes[1, column].set_xlabel("dimension (sorted)", fontsize=8)
+    axes[1, 0].set_ylabel("variance of mu over test images\n(dashed: 0.01)", fontsize=8)
+    figure.colorbar(image, ax=axes[0, :], shrink=0.8, label="|correlation|")
+    suptitle(figure, f"Latent space, {dataset}: |correlation| between dimensions of mu (top), their variances (bottom)",
+             budget_note)
+    path = out / f"latent_{dataset}.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def read_history(run):
+    with open(run["folder"] / "history.csv", newline="") as file:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(file)]
+
+
+def early_stopping_rows(runs):
+    """How much the validation Barlow Twins term drives early stopping, per setting (mean over seeds).
+
+    Early stopping keeps the epoch with the lowest validation loss, recon + lam1 KL + lam2 BT. In evaluation
+    mode the encoder normalises with BatchNorm's running statistics, which the re-encoding of
+    reconstructions also updated; the validation BT term can then be far from the training one. This
+    compares that epoch with the one the ELBO part alone (recon + lam1 KL) would have chosen.
+    """
+    groups = {}
+    for run in runs:
+        if run["metrics"] and (run["folder"] / "history.csv").is_file() and not run["folder"].name.startswith("figure3_"):
+            groups.setdefault((run["dataset"], run["lam2"]), []).append(run)
+    rows = []
+    for (dataset, lam2), group in sorted(groups.items(), key=lambda kv: setting_order(kv[1][0])):
+        per_seed = []
+        for run in group:
+            history = read_history(run)
+            lam1 = float(json.loads((run["folder"] / "config.json").read_text())["lam1"])
+            elbo = [h["val_recon"] + lam1 * h["val_kl"] for h in history]
+            chosen = min(range(len(history)), key=lambda i: history[i]["val_loss"])
+            by_elbo = min(range(len(history)), key=lambda i: elbo[i])
+            best = history[chosen]
+            per_seed.append({"epochs": len(history), "stopped_early": bool(run["metrics"]["stopped_early"]),
+                             "best_epoch": chosen + 1, "elbo_best_epoch": by_elbo + 1,
+                             "bt_share": lam2 * best["val_bt"] / best["val_loss"] if best["val_loss"] else 0.0,
+                             "bt_ratio": max(h["val_bt"] / h["train_bt"] for h in history) if lam2 else None,
+                             "elbo_cost": elbo[chosen] / elbo[by_elbo] - 1})
+        rows.append({"dataset": dataset, "lam2": lam2, "seeds": len(per_seed),
+                     "epochs": statistics.fmean(p["epochs"] for p in per_seed),
+                     "stopped_early": sum(p["stopped_early"] for p in per_seed),
+                     "best_epoch": statistics.fmean(p["best_epoch"] for p in per_seed),
+                     "elbo_best_epoch": statistics.fmean(p["elbo_best_epoch"] for p in per_seed),
+                     "different_epoch": sum(p["best_epoch"] != p["elbo_best_epoch"] for p in per_seed),
+                     "bt_share": statistics.fmean(p["bt_share"] for p in per_seed),
+                     "bt_ratio": None if lam2 == 0 else max(p["bt_ratio"] for p in per_seed),
+                     "elbo_cost": statistics.fmean(p["elbo_cost"] for p in per_seed)})
+    return rows
+
+
+def write_early_stopping(runs, out, budget_note):
+    rows = early_stopping_rows(runs)
+    if not rows:
+        return None
+    lines = ["# Early stopping and the validation Barlow Twins term", ""]
+    if budget_note:
+        lines += [f"> **{budget_note}.**", ""]
+    lines += ["Early stopping keeps the epoch with the lowest validation loss (recon + lambda1 KL + lambda2 BT). "
+              "Per setting, over its seeds: epochs trained and how many seeds stopped early; the mean best epoch, and "
+              "the mean epoch that the ELBO part alone (recon + lambda1 KL) would have picked among the same epochs, "
+              "with the number of seeds where the two differ and how much worse the chosen epoch's validation ELBO "
+              "is; the share of the chosen epoch's validation loss that is lambda2 BT; the largest ratio of "
+              "validation to training BT in any epoch of any seed.", "",
+              "| data set | lambda2 | seeds | epochs | stopped early | best epoch | best by ELBO | seeds differing "
+              "| ELBO cost | BT share of val loss | max val/train BT |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['lam2']:g} | {r['seeds']} | {r['epochs']:.1f} | {r['stopped_early']} "
+                     f"| {r['best_epoch']:.1f} | {r['elbo_best_epoch']:.1f} | {r['different_epoch']} "
+                     f"| {100 * r['elbo_cost']:.1f}% | {100 * r['bt_share']:.1f}% | {number(r['bt_ratio'], 1)} |")
+    path = out / "early_stopping.md"
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -287,9 +430,18 @@ def make_report(out):
     write_table1(rows, out, budget_note)
     made = [out / "table1.md", out / "table1.csv"]
     for dataset in dict.fromkeys(row["dataset"] for row in rows):  # in the table's order
-        made += [write_figure2(runs, rows, dataset, out, budget_note), write_table2(runs, rows, dataset, out, budget_note)]
-    made.append(write_figure3(runs, out, budget_note))
+        made += [write_figure2(runs, rows, dataset, out, budget_note), write_table2(runs, rows, dataset, out, budget_note),
+                 write_latent_figure(runs, rows, dataset, out, budget_note)]
+    made += [write_figure3(runs, out, budget_note), write_early_stopping(runs, out, budget_note)]
     return [path for path in made if path is not None]
+
+
+def runs_without_latent_measurements(out):
+    """Finished runs made before btvae.py measured the latent space, with the command that measures them."""
+    for run in read_runs(Path(out) / "runs"):
+        if run["metrics"] is not None and latent_file(run) is None:
+            yield run["folder"], (f"python btvae.py --evaluate {run['folder'] / 'model.pt'} --data-dir DATA "
+                                  f"--out {run['folder'] / 'evaluation'}")
 
 
 def main():
@@ -300,6 +452,9 @@ def main():
         raise SystemExit(f"report.py: error: {args.out / 'runs'} does not exist; pass the folder run_all.sh wrote (OUT)")
     for path in make_report(args.out):
         print(f"wrote {path}")
+    for folder, command in runs_without_latent_measurements(args.out):
+        print(f"note: {folder} has no latent.pt (made by an older btvae.py), so it is missing from the latent-space "
+              f"columns and figures; measure its model with: {command}")
 
 
 if __name__ == "__main__":

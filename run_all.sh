@@ -3,7 +3,8 @@
 # Figure 2 (sample grids), Figure 3 (2-d latent space on MNIST) and Table 2's material (blind pairs).
 #
 #   ./run_all.sh                          # the paper's settings: 3 data sets x 6 settings x 3 seeds, 50 epochs
-#   DATASETS=mnist QUICK=1 ./run_all.sh   # MNIST's column on a 2-core CPU in well under an hour (reduced budget)
+#   DATASETS=mnist QUICK=1 ./run_all.sh   # MNIST's column on a 2-core CPU in under an hour (reduced budget),
+#                                         # into results/quick
 #   REPORT_ONLY=1 ./run_all.sh            # remake the tables and figures from finished runs, no training
 #
 # Knobs (environment variables, paper settings by default): DATASETS, SEEDS, LAMBDAS, EPOCHS, FID_SAMPLES,
@@ -15,8 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 if [ "${QUICK:-0}" = 1 ]; then
-  # Reduced budget for a 2-core CPU: fewer images, epochs and FID samples, two runs at a time.
-  : "${SUBSET:=20000}" "${EPOCHS:=10}" "${FID_SAMPLES:=2000}" "${JOBS:=2}"
+  # Reduced budget for a 2-core CPU: fewer images, epochs and FID samples, two runs at a time, kept apart.
+  : "${SUBSET:=20000}" "${EPOCHS:=10}" "${FID_SAMPLES:=2000}" "${JOBS:=2}" "${OUT:=results/quick}"
 fi
 DATASETS=${DATASETS:-"mnist cifar10 celeba"}
 SEEDS=${SEEDS:-"0 1 2"}

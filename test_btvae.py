@@ -501,18 +501,18 @@ def test_tiny_overfit_run_reduces_the_reconstruction_loss_tenfold():
 # ---------------------------------------------------------------------------
 
 class StandInFeatures(torch.nn.Module):
-    """Per-channel mean and standard deviation of uint8 RGB images: a cheap stand-in for Inception."""
+    """Per-channel mean and standard deviation of uint8 RGB images: a cheap stand-in for torch-fidelity's
+    Inception, with its interface (uint8 in, a tuple with one feature tensor per requested layer out)."""
     num_features = 6
 
     def forward(self, images):
         assert images.dtype == torch.uint8 and images.shape[1] == 3
         x = images.float().flatten(2)
-        return torch.cat([x.mean(-1), x.std(-1)], dim=1)
+        return (torch.cat([x.mean(-1), x.std(-1)], dim=1),)
 
 
-def stand_in_metric():
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    return FrechetInceptionDistance(feature=StandInFeatures(), reset_real_features=False)
+def stand_in_network(feature=64, weights=None):
+    return StandInFeatures()
 
 
 def test_fid_input_conversion_clamps_rounds_and_repeats_grayscale():
@@ -536,36 +536,92 @@ def replay(images, shift=0.0):
     return make_fake_batch
 
 
+def features_of(images, shift=0.0):
+    return btvae.inception_features(StandInFeatures(), replay(images, shift), len(images), torch.device("cpu"))
+
+
+def test_inception_features_go_through_in_batches_of_converted_images():
+    images = torch.from_numpy(blob_images(120, 1, 16, 16, seed=53))  # grayscale: repeated to RGB on the way
+    features = features_of(images)
+    expected = StandInFeatures()(btvae.to_fid_input(images))[0]
+    assert features.shape == (120, 6) and torch.allclose(features, expected)
+
+
+def test_frechet_distance_matches_torchmetrics():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class TensorOut(torch.nn.Module):  # torchmetrics expects the features themselves, not a tuple
+        num_features = StandInFeatures.num_features
+
+        def forward(self, images):
+            return StandInFeatures()(images)[0]
+
+    real = torch.from_numpy(blob_images(150, 3, 16, 16, seed=54))
+    fake = torch.from_numpy(blob_images(130, 3, 16, 16, seed=55)) // 2
+    metric = FrechetInceptionDistance(feature=TensorOut())
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    ours = btvae.frechet_distance(features_of(real), features_of(fake))
+    assert ours == pytest.approx(float(metric.compute()), rel=1e-6)
+
+
+def test_frechet_distance_of_one_dimensional_gaussians_is_mean_and_spread_difference():
+    torch.manual_seed(9)
+    a, b = torch.randn(500, 1) * 2 + 1, torch.randn(400, 1) * 0.5 - 3
+    expected = (a.double().mean() - b.double().mean()) ** 2 + (a.double().std() - b.double().std()) ** 2
+    assert btvae.frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-9)
+    assert abs(btvae.frechet_distance(a, a)) < 1e-9
+
+
+def test_precision_and_recall_equal_a_plain_loop_over_their_definition():
+    torch.manual_seed(10)
+    real, fake = torch.randn(40, 3), torch.randn(30, 3) * 0.6 + 1.5  # narrower and shifted: both below 1
+    k = 3
+
+    def radius(point, points):  # distance to the k-th nearest other point of the same set
+        return sorted(float((point - other).norm()) for other in points)[k]  # [0] is the point itself
+
+    def share_inside(points, centres):
+        return sum(any(float((p - c).norm()) <= radius(c, centres) for c in centres) for p in points) / len(points)
+
+    precision, recall = btvae.precision_recall(real, fake, neighbours=k)
+    assert precision == pytest.approx(share_inside(fake, real)) and recall == pytest.approx(share_inside(real, fake))
+    assert 0 < precision < 1 and 0 < recall < 1  # a case that tells the two apart
+
+
 def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift():
     real = torch.from_numpy(blob_images(200, 3, 16, 16, seed=50))
-    identical = btvae.fid_precision_recall(stand_in_metric(), real, replay(real), 200)
-    slightly = btvae.fid_precision_recall(stand_in_metric(), real, replay(real, 0.05), 200)
-    strongly = btvae.fid_precision_recall(stand_in_metric(), real, replay(real, 0.2), 200)
-    assert abs(identical["fid"]) < 1e-6
-    assert 0 < slightly["fid"] < strongly["fid"]
-    assert identical["precision"] == identical["recall"] == 1.0
+    identical, slightly, strongly = (btvae.frechet_distance(features_of(real), features_of(real, shift))
+                                     for shift in (0, 0.05, 0.2))
+    assert abs(identical) < 1e-6
+    assert 0 < slightly < strongly
+    assert btvae.precision_recall(features_of(real), features_of(real)) == (1.0, 1.0)
 
 
 def test_precision_and_recall_tell_unrealistic_from_undiverse():
     real = torch.from_numpy(blob_images(300, 3, 16, 16, seed=52))
     collapsed = real[:5].repeat(60, 1, 1, 1)  # realistic, but only 5 distinct images: no variety
-    result = btvae.fid_precision_recall(stand_in_metric(), real, replay(collapsed), 300)
-    assert result["precision"] == 1.0 and result["recall"] < 0.2
-    unrealistic = btvae.fid_precision_recall(stand_in_metric(), real, replay(real, 0.5), 300)  # every pixel far off
-    assert unrealistic["precision"] < 0.1
+    precision, recall = btvae.precision_recall(features_of(real), features_of(collapsed))
+    assert precision == 1.0 and recall < 0.2
+    precision, _ = btvae.precision_recall(features_of(real), features_of(real, 0.5))  # every pixel far off
+    assert precision < 0.1
 
 
-def test_fid_real_features_are_cached_and_reused(tmp_path):
-    real = torch.from_numpy(blob_images(100, 1, 16, 16, seed=51))
+def test_fid_measurer_caches_the_test_features_and_reuses_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(btvae, "make_fid_network", stand_in_network)
+    test = btvae.Split(torch.from_numpy(blob_images(100, 1, 16, 16, seed=51)))
+    cfg = config("--cache-dir", tmp_path / "cache", "--fid-samples", 100, "--image-size", 32)
     fake = lambda n: torch.rand(n, 1, 16, 16)  # noqa: E731
-    cache = tmp_path / "cache" / "real.pt"
     torch.manual_seed(0)
-    first = btvae.fid_precision_recall(stand_in_metric(), real, fake, 100, cache)
-    assert cache.is_file() and torch.load(cache).shape == (100, StandInFeatures.num_features)
-    torch.manual_seed(0)  # the same fake images; garbage real images, which a cache hit never looks at
-    second = btvae.fid_precision_recall(stand_in_metric(), torch.zeros_like(real), fake, 100, cache)
-    assert second["fid"] == pytest.approx(first["fid"], rel=1e-9)
-    assert (second["precision"], second["recall"]) == (first["precision"], first["recall"])
+    first = btvae.fid_measurer(test, cfg, torch.device("cpu"))(fake, "_x")
+    assert set(first) == {"fid_x", "precision_x", "recall_x", "fid_x_seconds"} and first["fid_x"] > 0
+    cached = list((tmp_path / "cache").glob("inception_real_mnist_32px_n100_f64_default_*.pt"))
+    assert len(cached) == 1 and torch.load(cached[0]).shape == (100, StandInFeatures.num_features)
+    torch.manual_seed(0)  # the same fake images; garbage test images, which a cache hit never looks at
+    garbage = btvae.Split(torch.zeros_like(test.images))
+    second = btvae.fid_measurer(garbage, cfg, torch.device("cpu"))(fake, "_x")
+    assert {k: v for k, v in second.items() if k != "fid_x_seconds"} == \
+        {k: v for k, v in first.items() if k != "fid_x_seconds"}
 
 
 def test_fid_without_reachable_weights_is_unavailable_not_a_crash(tmp_path, monkeypatch):
@@ -576,17 +632,200 @@ def test_fid_without_reachable_weights_is_unavailable_not_a_crash(tmp_path, monk
     monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(btvae.FIDUnavailable, match="--fid-weights"):
-        btvae.make_fid_metric(64)
+        btvae.make_fid_network(64)
+
+
+# ---------------------------------------------------------------------------
+# Latent space: each metric on a case whose answer is known
+# ---------------------------------------------------------------------------
+
+def test_active_units_count_dimensions_whose_mean_varies_more_than_the_threshold():
+    torch.manual_seed(11)
+    base = torch.randn(4000, 1)
+    base = (base - base.mean()) / base.std()  # sample variance exactly 1
+    variances = torch.tensor([0.0, 0.0099, 0.0101, 1.0, 25.0])
+    mu = base * variances.sqrt() + torch.arange(5.0) * 10  # offsets do not count, only variation across images
+    assert btvae.active_units(mu) == 3
+
+
+def test_an_encoder_whose_mean_uses_k_of_d_dimensions_has_k_active_units():
+    model, x = small_model_and_batch()
+    k = 2
+    with torch.no_grad():
+        model.to_mu.weight[k:] = 0  # dimensions k.. ignore the image: their mean is the bias for every image
+        model.to_mu.weight[:k] *= 100  # the first k vary well above the threshold
+    images = btvae.to_uint8(torch.rand(64, 1, 16, 16))
+    assert btvae.active_units(btvae.encode_split(model, images, torch.device("cpu"))) == k
+
+
+def test_latent_correlation_is_near_zero_for_independent_and_near_one_for_duplicated_features():
+    torch.manual_seed(12)
+    independent = torch.randn(20000, 6)
+    assert btvae.latent_correlation(independent) < 0.02
+    duplicated = torch.randn(20000, 1).repeat(1, 6) * torch.tensor([1, -1, 2, -3, 0.5, 1])  # some anti-correlated
+    assert btvae.latent_correlation(duplicated) > 0.999
+    assert btvae.latent_correlation(torch.randn(100, 1)) is None  # no pairs in one dimension
+
+
+def test_latent_correlation_is_the_mean_absolute_off_diagonal_pearson_correlation():
+    torch.manual_seed(13)
+    mu = torch.randn(3000, 4) @ torch.randn(4, 4)  # correlated dimensions, some negatively
+    pearson = np.corrcoef(mu.double().numpy(), rowvar=False)
+    expected = np.abs(pearson[~np.eye(4, dtype=bool)]).mean()
+    assert btvae.latent_correlation(mu) == pytest.approx(expected, rel=1e-4)  # eps = 1e-5 on unit-size variances
+
+
+def test_twin_correlation_is_one_for_identical_twins_and_averages_every_pair():
+    torch.manual_seed(14)
+    z = torch.randn(500, 4)
+    assert btvae.twin_correlation([(z, z)]) == pytest.approx(1, abs=1e-4)
+    assert btvae.twin_correlation([(z, z * torch.tensor([1, 1, -1, -1]))]) == pytest.approx(0, abs=1e-4)
+    assert btvae.twin_correlation([(z, z), (z, -z)]) == pytest.approx(0, abs=1e-4)  # mean over both pairs' diagonals
+    unrelated = btvae.twin_correlation([(z, torch.randn(500, 4))])
+    assert abs(unrelated) < 0.15
+
+
+@pytest.mark.parametrize("bt_on", ["mu", "z", "mu+logvar"])
+def test_the_measured_twins_are_the_pairs_the_objective_compares(bt_on):
+    model, _ = small_model_and_batch()
+    images = btvae.to_uint8(torch.rand(30, 1, 16, 16))
+    torch.manual_seed(15)
+    mu, pairs = btvae.encode_split(model, images, torch.device("cpu"), bt_on)
+    torch.manual_seed(15)
+    x = btvae.to_model_range(images)
+    with torch.no_grad():
+        mu_expected, logvar = model.encode(x)
+        z = btvae.reparameterise(mu_expected, logvar)
+        expected = btvae.twins(model, mu_expected, logvar, z, model.decode(z), bt_on)
+    assert torch.equal(mu, mu_expected) and len(pairs) == len(expected)
+    for (a, b), (a_expected, b_expected) in zip(pairs, expected):
+        assert torch.equal(a, a_expected) and torch.equal(b, b_expected)
+
+
+def test_twins_compare_the_embeddings_bt_on_names():
+    model, x = small_model_and_batch()
+    model.eval()  # BatchNorm with running statistics: the encoder is then a fixed function of its input
+    mu, logvar = model.encode(x)
+    z = btvae.reparameterise(mu, logvar)
+    x_recon = model.decode(z)
+    mu_recon, logvar_recon = model.encode(x_recon)
+    (a, b), = btvae.twins(model, mu, logvar, z, x_recon, "mu")
+    assert a is mu and torch.equal(b, mu_recon)
+    (a, b), = btvae.twins(model, mu, logvar, z, x_recon, "z")
+    assert a is z
+    spread = (b - mu_recon) / torch.exp(0.5 * logvar_recon)  # b is a sample of N(mu_recon, sigma_recon^2)
+    assert spread.abs().max() < 6 and spread.std() > 0.5
+    (a, b), (c, d) = btvae.twins(model, mu, logvar, z, x_recon, "mu+logvar")
+    assert a is mu and torch.equal(b, mu_recon) and c is logvar and torch.equal(d, logvar_recon)
+
+
+def test_linear_probe_reads_separable_labels_and_not_shuffled_ones():
+    torch.manual_seed(16)
+    labels = torch.arange(2000) % 10
+    centres = torch.randn(10, 8) * 5
+    features = centres[labels] + torch.randn(2000, 8)
+    train, test = slice(0, 1500), slice(1500, 2000)
+    assert btvae.probe_accuracy(features[train], labels[train], features[test], labels[test]) > 0.98
+    shuffled = labels[torch.randperm(2000)]
+    assert btvae.probe_accuracy(features[train], shuffled[train], features[test], shuffled[test]) < 0.2
+    assert btvae.probe_accuracy(features[train], None, features[test], None) is None  # no labels (CelebA)
+    same = torch.zeros(1500, dtype=torch.long)
+    assert btvae.probe_accuracy(features[train], same, features[test], labels[test]) is None  # one class
+
+
+def two_clusters(count=4000):
+    """Two well-separated, elongated and tilted Gaussian clusters in 2-d, 3:1 in size."""
+    generator = torch.Generator().manual_seed(17)
+    covariance = torch.tensor([[2.0, 1.2], [1.2, 1.0]])
+    means = torch.tensor([[-6.0, 0.0], [6.0, 3.0]])
+    which = (torch.rand(count, generator=generator) < 0.25).long()
+    noise = torch.randn(count, 2, generator=generator) @ torch.linalg.cholesky(covariance).T
+    return means[which] + noise, means, covariance
+
+
+def test_mixture_fitted_to_two_clusters_finds_their_means_weights_and_covariances():
+    points, means, covariance = two_clusters()
+    mixture = btvae.LatentMixture(points, seed=0, components=2)
+    order = mixture.means[:, 0].argsort()
+    assert torch.allclose(mixture.means[order].float(), means, atol=0.15)
+    assert torch.allclose(mixture.weights[order].float(), torch.tensor([0.75, 0.25]), atol=0.03)
+    for k in range(2):
+        assert torch.allclose((mixture.cholesky[k] @ mixture.cholesky[k].T).float(), covariance, atol=0.2)
+
+
+def test_mixture_samples_follow_the_fitted_mixture():
+    points, means, covariance = two_clusters()
+    mixture = btvae.LatentMixture(points, seed=0, components=2)
+    samples = mixture.sample(20000, torch.Generator().manual_seed(1))
+    assert samples.dtype == torch.float32 and samples.shape == (20000, 2)
+    right = samples[:, 0] > 0
+    assert right.float().mean().item() == pytest.approx(0.25, abs=0.015)  # the weights pick the components
+    for side, mean in ((~right, means[0]), (right, means[1])):
+        assert torch.allclose(samples[side].mean(0), mean, atol=0.1)
+        assert torch.allclose(torch.cov(samples[side].T), covariance, atol=0.15)  # L eps, not L^T eps
+    again = mixture.sample(20000, torch.Generator().manual_seed(1))
+    assert torch.equal(samples, again)  # seeded: runs stay deterministic
+
+
+def test_mixture_fit_is_deterministic_for_a_seed_and_caps_components_at_the_points():
+    points, _, _ = two_clusters(400)
+    first, second = btvae.LatentMixture(points, seed=3), btvae.LatentMixture(points, seed=3)
+    assert len(first.weights) == btvae.MIXTURE_COMPONENTS and torch.equal(first.means, second.means)
+    assert len(btvae.LatentMixture(points[:4], seed=0).weights) == 4
+
+
+def test_generate_decodes_prior_or_mixture_samples_drawn_with_the_generator():
+    model, _ = small_model_and_batch()
+    decoded = []
+    model.decode = lambda z: decoded.append(z) or z  # see the z that generate decodes
+    btvae.generate(model, 20000, torch.Generator().manual_seed(2), torch.device("cpu"))
+    prior = decoded[-1]
+    assert prior.shape == (20000, 6)
+    assert prior.mean(0).abs().max() < 0.05 and (prior.std(0) - 1).abs().max() < 0.05  # N(0, I)
+    assert torch.corrcoef(prior.T)[~torch.eye(6, dtype=torch.bool)].abs().max() < 0.05
+    assert torch.equal(prior, torch.randn(20000, 6, generator=torch.Generator().manual_seed(2)))
+    points, _, _ = two_clusters()
+    mixture = btvae.LatentMixture(torch.cat([points, points, points], dim=1), seed=0, components=2)
+    btvae.generate(model, 50, torch.Generator().manual_seed(3), torch.device("cpu"), mixture)
+    assert torch.equal(decoded[-1], mixture.sample(50, torch.Generator().manual_seed(3)))
+
+
+def test_reconstruct_decodes_the_posterior_mean():
+    model, x = small_model_and_batch()
+    model.eval()
+    mu, _ = model.encode(x)
+    assert torch.equal(btvae.reconstruct(model, x), model.decode(mu))
+
+
+def test_latent_measurements_and_figure_data(tmp_path):
+    model, _ = small_model_and_batch()
+    train = btvae.Split(btvae.to_uint8(torch.rand(60, 1, 16, 16)), torch.arange(60) % 3)
+    test = btvae.Split(btvae.to_uint8(torch.rand(40, 1, 16, 16)), torch.arange(40) % 3)
+    metrics, figures, train_mu = btvae.measure_latent_space(model, train, test, "mu", torch.device("cpu"))
+    test_mu = btvae.encode_split(model, test.images, torch.device("cpu"))
+    assert torch.equal(train_mu, btvae.encode_split(model, train.images, torch.device("cpu")))
+    assert metrics["active_units"] == btvae.active_units(test_mu)
+    assert metrics["latent_correlation"] == btvae.latent_correlation(test_mu)
+    assert 0 <= metrics["probe_accuracy"] <= 1 and -1 <= metrics["twin_correlation"] <= 1
+    assert torch.equal(figures["mu_variance"], test_mu.var(dim=0))
+    assert figures["mu_correlation"].shape == (6, 6) and "test_mu" not in figures  # 6-d: not kept whole
+    model2 = btvae.ConvVAE(1, 16, (8, 16), latent_dim=2)
+    _, figures2, _ = btvae.measure_latent_space(model2, train, test, "mu", torch.device("cpu"))
+    assert figures2["test_mu"].shape == (40, 2) and torch.equal(figures2["test_labels"], test.labels)
 
 
 # ---------------------------------------------------------------------------
 # The command line, end to end, on fabricated data
 # ---------------------------------------------------------------------------
 
-EXPECTED_OUTPUTS = {"config.json", "metrics.json", "history.csv", "model.pt", "checkpoint.pt", "samples.png",
-                    "reconstructions.png"}
-EXPECTED_METRICS = {"fid", "precision", "recall", "best_val_loss", "best_epoch", "epochs_trained", "stopped_early",
-                    "train_seconds", "images_per_second", "fid_seconds"}
+MEASURED_OUTPUTS = {"config.json", "metrics.json", "samples.png", "samples_gmm.png", "reconstructions.png", "latent.pt"}
+EXPECTED_OUTPUTS = MEASURED_OUTPUTS | {"history.csv", "model.pt", "checkpoint.pt"}
+MEASUREMENTS = {"fid", "precision", "recall", "fid_seconds", "fid_samples", "fid_feature", "active_units",
+                "latent_correlation", "twin_correlation", "probe_accuracy", "pixel_probe_accuracy", "latent_seconds",
+                "mixture_fit_seconds", "fid_gmm", "precision_gmm", "recall_gmm", "fid_gmm_seconds"}
+TRAINING_SUMMARY = {"best_val_loss", "best_epoch", "epochs_trained", "stopped_early", "train_seconds",
+                    "images_per_second"}
+EXPECTED_METRICS = MEASUREMENTS | TRAINING_SUMMARY
 
 
 def run_cli(*argv, cwd=HERE):
@@ -601,7 +840,7 @@ def test_command_line_end_to_end(tmp_path):
     out = tmp_path / "runs" / "mnist_lam2=0.025_seed0"  # the default --out
     assert {p.name for p in out.iterdir()} == EXPECTED_OUTPUTS
     metrics = json.loads((out / "metrics.json").read_text())
-    assert EXPECTED_METRICS <= set(metrics) and metrics["fid"] is None and metrics["epochs_trained"] == 2
+    assert EXPECTED_METRICS == set(metrics) and metrics["fid"] is None and metrics["epochs_trained"] == 2
     assert metrics["images_per_second"] > 0 and math.isfinite(metrics["best_val_loss"])
     settings = json.loads((out / "config.json").read_text())
     assert settings["lam2"] == 0.025 and settings["versions"]["torch"] == torch.__version__
@@ -611,13 +850,13 @@ def test_command_line_end_to_end(tmp_path):
 
 def test_run_with_fid_and_a_reloadable_model(tmp_path, monkeypatch, capsys):
     make_mnist(tmp_path)
-    monkeypatch.setattr(btvae, "make_fid_metric", lambda feature, weights: stand_in_metric())
+    monkeypatch.setattr(btvae, "make_fid_network", stand_in_network)
     out = tmp_path / "run"
     btvae.main(["--data-dir", str(tmp_path), "--lam2", "0", "--epochs", "2", "--fid-samples", "40", "--out", str(out),
                 "--precision", "bf16"])
     assert json.loads((out / "config.json").read_text())["mixed_precision_bf16"] is True
     metrics = json.loads((out / "metrics.json").read_text())
-    assert EXPECTED_METRICS <= set(metrics)
+    assert EXPECTED_METRICS == set(metrics)
     assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0 and metrics["fid_seconds"] >= 0
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert "FID-64 over 40 samples" in capsys.readouterr().out
@@ -634,7 +873,7 @@ def test_run_finishes_with_fid_null_when_the_fid_network_is_unavailable(tmp_path
 
     def unavailable(feature, weights):
         raise btvae.FIDUnavailable("no network; pass --fid-weights with a local copy")
-    monkeypatch.setattr(btvae, "make_fid_metric", unavailable)
+    monkeypatch.setattr(btvae, "make_fid_network", unavailable)
     btvae.main(["--data-dir", str(tmp_path), "--epochs", "1", "--fid-samples", "20", "--out", str(tmp_path / "run")])
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["fid"] is None
     lines = [line for line in capsys.readouterr().out.splitlines() if "FID" in line]
@@ -665,7 +904,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_best_weights(tmp_path, monkeypatch
 # Interruption and --resume
 # ---------------------------------------------------------------------------
 
-TIMINGS = {"train_seconds", "train_loop_seconds", "images_per_second", "fid_seconds", "elapsed_seconds"}
+TIMINGS = {"train_seconds", "train_loop_seconds", "images_per_second", "fid_seconds", "fid_gmm_seconds", "latent_seconds",
+           "mixture_fit_seconds", "elapsed_seconds"}
 RUN_ARGS = ["--epochs", "4", "--patience", "10", "--fid-samples", "40", "--batch-size", "60"]  # 3 + 1 batches an epoch
 
 
@@ -685,7 +925,7 @@ def assert_same_result(a, b):
 @pytest.fixture
 def mnist_with_stand_in_fid(tmp_path, monkeypatch):
     make_mnist(tmp_path / "data")
-    monkeypatch.setattr(btvae, "make_fid_metric", lambda feature, weights: stand_in_metric())
+    monkeypatch.setattr(btvae, "make_fid_network", stand_in_network)
     return ["--data-dir", str(tmp_path / "data"), *RUN_ARGS]
 
 
@@ -842,6 +1082,93 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
 
 
 # ---------------------------------------------------------------------------
+# --evaluate: measure a saved model without training
+# ---------------------------------------------------------------------------
+
+def test_evaluate_measures_a_saved_model_exactly_as_its_run_did(tmp_path, capsys, mnist_with_stand_in_fid):
+    run = tmp_path / "run"
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(run)])
+    data_dir = mnist_with_stand_in_fid[1]
+    evaluation = tmp_path / "evaluation"
+    btvae.main(["--evaluate", str(run / "model.pt"), "--data-dir", data_dir, "--fid-samples", "40",
+                "--out", str(evaluation)])
+    assert {p.name for p in evaluation.iterdir()} == MEASURED_OUTPUTS  # no training: no history, no checkpoint
+    trained = json.loads((run / "metrics.json").read_text())
+    measured = json.loads((evaluation / "metrics.json").read_text())
+    assert set(measured) == MEASUREMENTS
+    assert {k: v for k, v in measured.items() if k not in TIMINGS} == \
+        {k: v for k, v in trained.items() if k in MEASUREMENTS and k not in TIMINGS}
+    assert measured["fid"] is not None and measured["probe_accuracy"] is not None
+    for name in ("samples.png", "samples_gmm.png", "reconstructions.png"):
+        assert (evaluation / name).read_bytes() == (run / name).read_bytes()
+    settings = json.loads((evaluation / "config.json").read_text())
+    assert settings["evaluate"] == str(run / "model.pt") and settings["epochs"] == 4 and settings["batch_size"] == 60
+    assert "evaluating" in capsys.readouterr().out
+
+
+def test_evaluate_takes_the_models_settings_and_its_default_out(tmp_path, monkeypatch):
+    make_mnist(tmp_path / "data")
+    path = tmp_path / "model.pt"
+    trained_with = config("--lam2", 0.25, "--seed", 3, "--subset", 50, "--bt-on", "z", "--latent-dim", 4)
+    btvae.save_model(btvae.ConvVAE(1, 32, latent_dim=4), trained_with, path)
+    cfg = config("--evaluate", path, "--data-dir", tmp_path / "data")
+    assert (cfg.lam2, cfg.seed, cfg.subset, cfg.bt_on, cfg.latent_dim) == (0.25, 3, 50, "z", 4)
+    assert cfg.out == Path("runs/evaluate/mnist_lam2=0.25_seed3")
+    given = config("--evaluate", path, "--data-dir", tmp_path / "data", "--seed", 5, "--bt-on", "mu", "--subset", 20)
+    assert (given.seed, given.bt_on, given.subset, given.lam2) == (5, "mu", 20, 0.25)
+
+
+def evaluate_bad_input(tmp_path, damage):
+    """A model.pt damaged in one way, and the flags that evaluate it."""
+    make_mnist(tmp_path / "data")
+    path = tmp_path / "model.pt"
+    btvae.save_model(btvae.ConvVAE(1, 32, latent_dim=8), config("--latent-dim", 8), path)
+    argv = ["--evaluate", str(path), "--data-dir", str(tmp_path / "data"), "--fid-samples", "0",
+            "--out", str(tmp_path / "out")]
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:3000])
+    elif damage == "missing":
+        path.unlink()
+    elif damage == "foreign":
+        torch.save({"settings": {}, "model": {}}, path)  # a checkpoint.pt, say
+    elif damage == "another architecture":
+        saved = torch.load(path, weights_only=True)
+        saved["architecture"]["hidden_dims"] = (8, 16, 32, 64, 128)
+        torch.save(saved, path)
+    elif damage == "training flag":
+        argv += ["--lam2", "0.5", "--epochs=3"]
+    elif damage == "other data set":
+        argv += ["--dataset", "cifar10"]
+    elif damage == "out holds results":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "metrics.json").write_text("{}")
+    return argv
+
+
+EVALUATE_BAD_INPUT = {
+    "truncated": "is not a btvae.py model.pt",
+    "missing": "is not a btvae.py model.pt",
+    "foreign": "is not a btvae.py model.pt (no architecture, config, state_dict)",
+    "another architecture": "its weights do not fit its architecture",
+    "training flag": "--lam2, --epochs cannot be used with --evaluate",
+    "other data set": "was trained on 1-channel images, and --dataset cifar10 has 3; pass the data set it was "
+                      "trained on (--dataset mnist)",
+    "out holds results": "already holds results; choose another --out",
+}
+
+
+@pytest.mark.parametrize("damage", EVALUATE_BAD_INPUT, ids=list(EVALUATE_BAD_INPUT))
+def test_evaluate_bad_input_is_one_line_exit_2_and_writes_nothing(damage, tmp_path, capsys):
+    argv = evaluate_bad_input(tmp_path, damage)
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1 and EVALUATE_BAD_INPUT[damage] in error
+    out = tmp_path / "out"
+    assert not out.exists() or [p.name for p in out.iterdir()] == ["metrics.json"]
+
+
+# ---------------------------------------------------------------------------
 # Bad input: one line, exit status 2, nothing written
 # ---------------------------------------------------------------------------
 
@@ -900,16 +1227,33 @@ def test_bad_input_from_the_real_command_line_has_no_traceback(tmp_path):
 import report  # noqa: E402
 
 
-def fabricate_run(runs_dir, dataset, lam2, seed, fid, latent_dim=128, data_dir="data", epochs=7, prefix=""):
+def fabricate_run(runs_dir, dataset, lam2, seed, fid, latent_dim=128, data_dir="data", epochs=7, prefix="",
+                  latent=None, val_bt=None):
+    """A finished run's small files, as btvae.py writes them; `latent` overrides latent metrics, `val_bt` gives
+    the validation BT term of each epoch (the training one is 1)."""
     folder = runs_dir / f"{prefix}{dataset}_lam2={lam2:g}_seed{seed}"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({
-        "dataset": dataset, "lam2": lam2, "seed": seed, "latent_dim": latent_dim, "data_dir": str(data_dir),
-        "cache_dir": str(Path(data_dir) / "btvae_cache"), "image_size": 32}))
-    if fid is not None:
-        (folder / "metrics.json").write_text(json.dumps({
-            "fid": fid, "precision": 0.5 + seed / 100, "recall": 0.4, "epochs_trained": epochs}))
-        torchvision.utils.save_image(torch.rand(4, 1, 32, 32), folder / "samples.png", nrow=2)
+        "dataset": dataset, "lam2": lam2, "lam1": 0.1, "seed": seed, "latent_dim": latent_dim,
+        "data_dir": str(data_dir), "cache_dir": str(Path(data_dir) / "btvae_cache"), "image_size": 32}))
+    if fid is None:
+        return folder
+    measured = {"fid": fid, "fid_gmm": fid / 2, "precision": 0.5 + seed / 100, "recall": 0.4, "active_units": 10,
+                "latent_correlation": 0.2, "twin_correlation": 0.9, "probe_accuracy": 0.95, "pixel_probe_accuracy": 0.9,
+                **(latent or {})}
+    (folder / "metrics.json").write_text(json.dumps({**measured, "epochs_trained": epochs, "stopped_early": False}))
+    for name in ("samples.png", "samples_gmm.png"):
+        torchvision.utils.save_image(torch.rand(4, 1, 32, 32), folder / name, nrow=2)
+    mu = torch.randn(50, latent_dim)
+    figures = {"mu_variance": mu.var(0), "mu_correlation": btvae.cross_correlation(mu, mu)}
+    if latent_dim <= 2:
+        figures.update(test_mu=mu, test_labels=torch.arange(50) % 10)
+    torch.save(figures, folder / "latent.pt")
+    val_bt = val_bt or [1.0] * epochs
+    rows = [{"epoch": e + 1, "train_loss": 1.0, "train_recon": 0.5, "train_kl": 1.0, "train_bt": 1.0,
+             "val_loss": 0.6 - 0.01 * e + 0.1 + lam2 * val_bt[e], "val_recon": 0.6 - 0.01 * e, "val_kl": 1.0,
+             "val_bt": val_bt[e]} for e in range(epochs)]
+    btvae.write_csv(rows, folder / "history.csv")
     return folder
 
 
@@ -917,8 +1261,8 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     runs = tmp_path / "runs"
     for seed, (vae, good, close) in enumerate([(1.0, 0.5, 0.98), (1.1, 0.52, 1.05), (0.9, 0.48, 1.0)]):
         fabricate_run(runs, "mnist", 0.0, seed, vae)
-        fabricate_run(runs, "mnist", 0.025, seed, good)
-        fabricate_run(runs, "mnist", 0.25, seed, close)
+        fabricate_run(runs, "mnist", 0.025, seed, good, latent={"active_units": 128, "probe_accuracy": 0.8 + seed / 100})
+        fabricate_run(runs, "mnist", 0.25, seed, close, latent={"probe_accuracy": 0.945 + seed / 100})
     (fabricate_run(runs, "mnist", -0.00025, 0, None) / "FAILED").write_text("exit status 1: btvae.py: stopped: NaN")
     fabricate_run(runs, "mnist", -0.00025, 1, None)  # no metrics and no FAILED: interrupted
     report.make_report(tmp_path)
@@ -930,9 +1274,21 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     assert rows[0.25]["versus_vae"] == "within the seed spread of VAE"
     assert "NaN" in rows[-0.00025]["failed"] and "interrupted" in rows[-0.00025]["failed"]
     assert float(rows[0.025]["precision_mean"]) == pytest.approx(0.51)
+    assert float(rows[0.025]["fid_gmm_mean"]) == pytest.approx(0.25)
+    assert rows[0.025]["fid_gmm_versus_vae"] == "lower than VAE beyond the seed spread"
+    assert float(rows[0.025]["active_units_mean"]) == 128 and float(rows[0.025]["active_units_std"]) == 0
+    assert rows[0.025]["active_units_versus_vae"] == "higher than VAE beyond the seed spread"
+    assert rows[0.025]["probe_accuracy_versus_vae"] == "lower than VAE beyond the seed spread"
+    assert rows[0.25]["probe_accuracy_versus_vae"] == "within the seed spread of VAE"  # 0.955 ± 0.01 against 0.95 ± 0
+    assert rows[0.25]["twin_correlation_versus_vae"] == "within the seed spread of VAE"  # equal
+    assert float(rows[0.0]["pixel_probe_accuracy"]) == pytest.approx(0.9)
     table = (tmp_path / "table1.md").read_text()
-    assert "| mnist | BTVAE | 0.025 | 0,1,2 | 0.5000 ± 0.0200 |" in table and "REDUCED" not in table
-    assert (tmp_path / "figure2_mnist.png").is_file()
+    assert "| mnist | BTVAE | 0.025 | 0,1,2 | 0.5000 ± 0.0200 | 0.2500 ± 0.0100 **lower** |" in table
+    assert "| mnist | BTVAE | 0.025 | 0,1,2 | 128.0 ± 0.0 **higher** | 0.200 ± 0.000 | 0.900 ± 0.000 " \
+           "| 0.810 ± 0.010 **lower** | 0.900 |" in table
+    assert "REDUCED" not in table
+    for figure in ("figure2_mnist.png", "latent_mnist.png"):
+        assert (tmp_path / figure).is_file()
 
 
 def test_report_makes_a_blind_pair_with_a_separate_stable_key(tmp_path):
@@ -954,17 +1310,39 @@ def test_report_makes_a_blind_pair_with_a_separate_stable_key(tmp_path):
     assert "REDUCED BUDGET" in (tmp_path / "table1.md").read_text()
 
 
-def test_report_draws_figure3_from_the_latent2_models(tmp_path):
-    make_mnist(tmp_path / "data")
-    for lam2 in (0.0, 0.025):
-        folder = fabricate_run(tmp_path / "runs", "mnist", lam2, 0, None, latent_dim=2, data_dir=tmp_path / "data",
-                               prefix="figure3_")
-        (folder / "metrics.json").write_text(json.dumps({"fid": None, "epochs_trained": 1}))
-        btvae.save_model(btvae.ConvVAE(1, 32, latent_dim=2), config("--latent-dim", 2), folder / "model.pt")
-    means, labels = report.posterior_means(report.read_runs(tmp_path / "runs")[0])
-    assert means.shape == (60, 2) and labels.shape == (60,)
+def test_report_draws_figure3_from_the_runs_small_files_alone(tmp_path):
+    for lam2 in (0.0, 0.025):  # no model.pt and no data: latent.pt holds the 2-d test means and their labels
+        fabricate_run(tmp_path / "runs", "mnist", lam2, 0, 1.0, latent_dim=2, prefix="figure3_")
     report.make_report(tmp_path)
     assert (tmp_path / "figure3.png").is_file()
+
+
+def test_report_measures_how_the_validation_bt_term_drives_early_stopping(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        fabricate_run(runs, "mnist", 0.0, seed, 1.0, epochs=6)
+        # lambda2 = 1: a validation BT of 5 in epochs 4-6 (1 before) outweighs their better reconstructions
+        fabricate_run(runs, "mnist", 1.0, seed, 1.0, epochs=6, val_bt=[1, 1, 1, 5, 5, 5] if seed else [1] * 6)
+    report.make_report(tmp_path)
+    rows = {r["lam2"]: r for r in report.early_stopping_rows(report.read_runs(runs))}
+    assert rows[0.0]["best_epoch"] == rows[0.0]["elbo_best_epoch"] == 6 and rows[0.0]["different_epoch"] == 0
+    assert rows[0.0]["bt_share"] == 0 and rows[0.0]["bt_ratio"] is None
+    assert rows[1.0]["best_epoch"] == (3 + 6) / 2 and rows[1.0]["elbo_best_epoch"] == 6
+    assert rows[1.0]["different_epoch"] == 1 and rows[1.0]["bt_ratio"] == 5
+    share_seed0 = 1 / (0.55 + 0.1 + 1)  # epoch 6 of seed 0: val_loss = recon 0.55 + lam1 KL 0.1 + BT 1
+    share_seed1 = 1 / (0.58 + 0.1 + 1)  # epoch 3 of seed 1
+    assert rows[1.0]["bt_share"] == pytest.approx((share_seed0 + share_seed1) / 2)
+    elbo_cost_seed1 = (0.58 + 0.1) / (0.55 + 0.1) - 1
+    assert rows[1.0]["elbo_cost"] == pytest.approx(elbo_cost_seed1 / 2)
+    table = (tmp_path / "early_stopping.md").read_text()
+    assert "| mnist | 1 | 2 | 6.0 | 0 | 4.5 | 6.0 | 1 |" in table
+
+
+def test_report_names_runs_that_predate_the_latent_measurements(tmp_path):
+    old = fabricate_run(tmp_path / "runs", "mnist", 0.0, 0, 1.0)
+    (old / "latent.pt").unlink()
+    [(folder, command)] = report.runs_without_latent_measurements(tmp_path)
+    assert folder == old and f"--evaluate {old / 'model.pt'}" in command
 
 
 def run_sweep(tmp_path, **knobs):
