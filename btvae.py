@@ -1106,7 +1106,11 @@ def latent_correlation(mu):
     so it should push this down. A dimension that never varies correlates
     with nothing (standardise's eps keeps it at 0 rather than 0/0).
     """
-    c = cross_correlation(mu, mu)
+    return mean_absolute_off_diagonal(cross_correlation(mu, mu))
+
+
+def mean_absolute_off_diagonal(c):
+    """Mean |C_ij| over the D (D - 1) entries i != j of a square matrix; None if D < 2 (no pairs)."""
     dims = c.shape[0]
     if dims < 2:
         return None

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+import btvae
+
 # Table 1 of the paper: FID-64 (their code: 500 samples, the uint8 conversion bug; see README).
 PAPER_TABLE1 = {
     0.0: {"mnist": 0.0187, "cifar10": 0.3465, "celeba": 1.173},
@@ -72,12 +74,24 @@ def read_runs(runs_dir):
                "seed": int(config["seed"]), "latent_dim": config["latent_dim"], "metrics": None, "failure": None}
         if (folder / "metrics.json").is_file():
             run["metrics"] = json.loads((folder / "metrics.json").read_text())
+            run["metrics"]["active_correlation"] = active_correlation(folder)
         elif (folder / "FAILED").is_file():
             run["failure"] = (folder / "FAILED").read_text().strip() or "failed"
         else:
             run["failure"] = "unfinished (interrupted, or still running)"
         runs.append(run)
     return runs
+
+
+def active_correlation(folder):
+    """latent_correlation among the active units only: in a VAE the inactive dimensions, whose means barely
+    move, are correlated with each other, and dominate latent_correlation. From latent.pt; None without it."""
+    path = folder / "latent.pt"
+    if not path.is_file():
+        return None
+    latent = torch.load(path, weights_only=True)
+    active = latent["mu_variance"] > btvae.ACTIVE_UNIT_VARIANCE
+    return btvae.mean_absolute_off_diagonal(latent["mu_correlation"][active][:, active])
 
 
 def setting_order(run):
@@ -97,6 +111,7 @@ def mean_and_spread(values):
 SAMPLE_METRICS = [("fid", "FID (prior)", 4), ("fid_gmm", "FID (mixture)", 4), ("precision", "precision", 3),
                   ("recall", "recall", 3)]
 LATENT_METRICS = [("active_units", "active units", 1), ("latent_correlation", "latent correlation", 3),
+                  ("active_correlation", "correlation among active units", 3),
                   ("twin_correlation", "twin correlation", 3), ("probe_accuracy", "probe accuracy", 3)]
 
 
@@ -192,12 +207,12 @@ def write_table1(rows, out, budget_note):
     lines += ["", "## Latent space", "",
               "On the test split, model in evaluation mode: active units (dimensions whose posterior mean varies with "
               "variance above 0.01), latent correlation (mean |correlation| between different dimensions of the "
-              "posterior mean), twin correlation (mean diagonal of Eq. 3's C between images' and their "
+              "posterior mean; beside it among the active units alone), twin correlation (mean diagonal of Eq. 3's C between images' and their "
               "reconstructions' embeddings), probe accuracy (a linear classifier on the posterior means; beside it "
               "the same classifier on raw pixels).", "",
-              "| data set | model | lambda2 | seeds | active units | latent correlation | twin correlation "
-              "| probe accuracy | probe on pixels |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| data set | model | lambda2 | seeds | active units | latent correlation | among active units "
+              "| twin correlation | probe accuracy | probe on pixels |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         cells = " | ".join(mean_cell(row, key, digits) for key, _, digits in LATENT_METRICS)
         lines.append(f"| {row['dataset']} | {row['model']} | {row['lam2']:g} | {row['seeds'] or '-'} | {cells} "
@@ -222,9 +237,9 @@ def best_btvae_lam2(rows, dataset):
 
 
 def suptitle(figure, title, budget_note):
-    """The figure's title, and in red, wrapped to fit, the reduced budget it was made with."""
-    if budget_note:
-        title += "\n" + textwrap.fill(budget_note, 110)
+    """The figure's title, and in red the reduced budget it was made with, both wrapped to the figure's width."""
+    width = int(figure.get_figwidth() * 12)  # characters of 10-point text per line
+    title = textwrap.fill(title, width) + ("\n" + textwrap.fill(budget_note, width) if budget_note else "")
     figure.suptitle(title, fontsize=10, color="firebrick" if budget_note else "black")
 
 
@@ -301,9 +316,12 @@ def write_latent_figure(runs, rows, dataset, out, budget_note):
     figure, axes = plt.subplots(2, len(shown), figsize=(2.6 * len(shown) + 1, 6), layout="constrained", squeeze=False)
     for column, (lam2, run, latent) in enumerate(shown):
         metrics = run["metrics"]
-        image = axes[0, column].imshow(latent["mu_correlation"].abs().numpy(), vmin=0, vmax=1, cmap="magma")
+        order = latent["mu_variance"].argsort(descending=True)  # the active units first, top left
+        image = axes[0, column].imshow(latent["mu_correlation"][order][:, order].abs().numpy(), vmin=0, vmax=1,
+                                       cmap="magma")
         axes[0, column].set_title(f"{'VAE' if lam2 == 0 else f'BTVAE {lam2:g}'} (seed {run['seed']})\n"
-                                  f"mean off-diagonal {number(metrics.get('latent_correlation'), 3)}", fontsize=9)
+                                  f"mean |off-diagonal| {number(metrics.get('latent_correlation'), 3)}, "
+                                  f"{number(metrics.get('active_correlation'), 3)} among active", fontsize=9)
         axes[0, column].set_xticks([])
         axes[0, column].set_yticks([])
         variances = latent["mu_variance"].sort(descending=True).values.clamp(min=1e-8).numpy()
@@ -313,8 +331,8 @@ def write_latent_figure(runs, rows, dataset, out, budget_note):
         axes[1, column].set_xlabel("dimension (sorted)", fontsize=8)
     axes[1, 0].set_ylabel("variance of mu over test images\n(dashed: 0.01)", fontsize=8)
     figure.colorbar(image, ax=axes[0, :], shrink=0.8, label="|correlation|")
-    suptitle(figure, f"Latent space, {dataset}: |correlation| between dimensions of mu (top), their variances (bottom)",
-             budget_note)
+    suptitle(figure, f"Latent space, {dataset}: |correlation| between the dimensions of mu over the test images, "
+                     "ordered by their variance (top), and the variances (bottom)", budget_note)
     path = out / f"latent_{dataset}.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)

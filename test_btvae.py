@@ -1284,11 +1284,23 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     assert float(rows[0.0]["pixel_probe_accuracy"]) == pytest.approx(0.9)
     table = (tmp_path / "table1.md").read_text()
     assert "| mnist | BTVAE | 0.025 | 0,1,2 | 0.5000 ± 0.0200 | 0.2500 ± 0.0100 **lower** |" in table
-    assert "| mnist | BTVAE | 0.025 | 0,1,2 | 128.0 ± 0.0 **higher** | 0.200 ± 0.000 | 0.900 ± 0.000 " \
-           "| 0.810 ± 0.010 **lower** | 0.900 |" in table
+    assert "| mnist | BTVAE | 0.025 | 0,1,2 | 128.0 ± 0.0 **higher** | 0.200 ± 0.000 | " in table
+    assert "| 0.900 ± 0.000 | 0.810 ± 0.010 **lower** | 0.900 |" in table
+
     assert "REDUCED" not in table
     for figure in ("figure2_mnist.png", "latent_mnist.png"):
         assert (tmp_path / figure).is_file()
+
+
+def test_report_measures_correlation_among_the_active_units_alone(tmp_path):
+    folder = fabricate_run(tmp_path / "runs", "mnist", 0.0, 0, 1.0, latent_dim=3)
+    correlation = torch.tensor([[1.0, 0.5, 0.9], [0.5, 1.0, -0.9], [0.9, -0.9, 1.0]])
+    torch.save({"mu_variance": torch.tensor([1.0, 2.0, 0.001]), "mu_correlation": correlation}, folder / "latent.pt")
+    assert report.active_correlation(folder) == pytest.approx(0.5)  # dimension 2 is inactive
+    [run] = report.read_runs(tmp_path / "runs")
+    assert run["metrics"]["active_correlation"] == pytest.approx(0.5)
+    (folder / "latent.pt").unlink()
+    assert report.active_correlation(folder) is None
 
 
 def test_report_makes_a_blind_pair_with_a_separate_stable_key(tmp_path):
