@@ -366,10 +366,13 @@ def early_stopping_rows(runs):
             chosen = min(range(len(history)), key=lambda i: history[i]["val_loss"])
             by_elbo = min(range(len(history)), key=lambda i: elbo[i])
             best = history[chosen]
+            bt_ratios = [h["val_bt"] / h["train_bt"] for h in history] if lam2 else [None]
+            weighted_bt = abs(lam2 * best["val_bt"])
             per_seed.append({"epochs": len(history), "stopped_early": bool(run["metrics"]["stopped_early"]),
                              "best_epoch": chosen + 1, "elbo_best_epoch": by_elbo + 1,
-                             "bt_share": lam2 * best["val_bt"] / best["val_loss"] if best["val_loss"] else 0.0,
-                             "bt_ratio": max(h["val_bt"] / h["train_bt"] for h in history) if lam2 else None,
+                             "bt_share": weighted_bt / (elbo[chosen] + weighted_bt),
+                             "bt_ratio_min": min(bt_ratios) if lam2 else None,
+                             "bt_ratio_max": max(bt_ratios) if lam2 else None,
                              "elbo_cost": elbo[chosen] / elbo[by_elbo] - 1})
         rows.append({"dataset": dataset, "lam2": lam2, "seeds": len(per_seed),
                      "epochs": statistics.fmean(p["epochs"] for p in per_seed),
@@ -378,7 +381,8 @@ def early_stopping_rows(runs):
                      "elbo_best_epoch": statistics.fmean(p["elbo_best_epoch"] for p in per_seed),
                      "different_epoch": sum(p["best_epoch"] != p["elbo_best_epoch"] for p in per_seed),
                      "bt_share": statistics.fmean(p["bt_share"] for p in per_seed),
-                     "bt_ratio": None if lam2 == 0 else max(p["bt_ratio"] for p in per_seed),
+                     "bt_ratio_min": None if lam2 == 0 else min(p["bt_ratio_min"] for p in per_seed),
+                     "bt_ratio_max": None if lam2 == 0 else max(p["bt_ratio_max"] for p in per_seed),
                      "elbo_cost": statistics.fmean(p["elbo_cost"] for p in per_seed)})
     return rows
 
@@ -394,15 +398,17 @@ def write_early_stopping(runs, out, budget_note):
               "Per setting, over its seeds: epochs trained and how many seeds stopped early; the mean best epoch, and "
               "the mean epoch that the ELBO part alone (recon + lambda1 KL) would have picked among the same epochs, "
               "with the number of seeds where the two differ and how much worse the chosen epoch's validation ELBO "
-              "is; the share of the chosen epoch's validation loss that is lambda2 BT; the largest ratio of "
-              "validation to training BT in any epoch of any seed.", "",
+              "is; the share of |lambda2 BT| in the chosen epoch's validation loss (|lambda2 BT| / (ELBO + "
+              "|lambda2 BT|)); the smallest and largest ratio of validation to training BT in any epoch of any "
+              "seed.", "",
               "| data set | lambda2 | seeds | epochs | stopped early | best epoch | best by ELBO | seeds differing "
-              "| ELBO cost | BT share of val loss | max val/train BT |",
+              "| ELBO cost | BT share of val loss | val/train BT |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        ratios = "-" if r["bt_ratio_min"] is None else f"{r['bt_ratio_min']:.2f} to {r['bt_ratio_max']:.1f}"
         lines.append(f"| {r['dataset']} | {r['lam2']:g} | {r['seeds']} | {r['epochs']:.1f} | {r['stopped_early']} "
                      f"| {r['best_epoch']:.1f} | {r['elbo_best_epoch']:.1f} | {r['different_epoch']} "
-                     f"| {100 * r['elbo_cost']:.1f}% | {100 * r['bt_share']:.1f}% | {number(r['bt_ratio'], 1)} |")
+                     f"| {100 * r['elbo_cost']:.1f}% | {100 * r['bt_share']:.1f}% | {ratios} |")
     path = out / "early_stopping.md"
     path.write_text("\n".join(lines) + "\n")
     return path

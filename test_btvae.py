@@ -1338,16 +1338,16 @@ def test_report_measures_how_the_validation_bt_term_drives_early_stopping(tmp_pa
     report.make_report(tmp_path)
     rows = {r["lam2"]: r for r in report.early_stopping_rows(report.read_runs(runs))}
     assert rows[0.0]["best_epoch"] == rows[0.0]["elbo_best_epoch"] == 6 and rows[0.0]["different_epoch"] == 0
-    assert rows[0.0]["bt_share"] == 0 and rows[0.0]["bt_ratio"] is None
+    assert rows[0.0]["bt_share"] == 0 and rows[0.0]["bt_ratio_min"] is None and rows[0.0]["bt_ratio_max"] is None
     assert rows[1.0]["best_epoch"] == (3 + 6) / 2 and rows[1.0]["elbo_best_epoch"] == 6
-    assert rows[1.0]["different_epoch"] == 1 and rows[1.0]["bt_ratio"] == 5
+    assert rows[1.0]["different_epoch"] == 1 and (rows[1.0]["bt_ratio_min"], rows[1.0]["bt_ratio_max"]) == (1, 5)
     share_seed0 = 1 / (0.55 + 0.1 + 1)  # epoch 6 of seed 0: val_loss = recon 0.55 + lam1 KL 0.1 + BT 1
     share_seed1 = 1 / (0.58 + 0.1 + 1)  # epoch 3 of seed 1
     assert rows[1.0]["bt_share"] == pytest.approx((share_seed0 + share_seed1) / 2)
     elbo_cost_seed1 = (0.58 + 0.1) / (0.55 + 0.1) - 1
     assert rows[1.0]["elbo_cost"] == pytest.approx(elbo_cost_seed1 / 2)
     table = (tmp_path / "early_stopping.md").read_text()
-    assert "| mnist | 1 | 2 | 6.0 | 0 | 4.5 | 6.0 | 1 |" in table
+    assert "| mnist | 1 | 2 | 6.0 | 0 | 4.5 | 6.0 | 1 | 1.5% | 59.9% | 1.00 to 5.0 |" in table
 
 
 def test_report_names_runs_that_predate_the_latent_measurements(tmp_path):
