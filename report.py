@@ -313,15 +313,15 @@ def write_latent_figure(runs, rows, dataset, out, budget_note):
     shown = [(lam2, run, latent_file(run)) for lam2, run in shown if run is not None and latent_file(run) is not None]
     if not shown:
         return None
-    figure, axes = plt.subplots(2, len(shown), figsize=(2.6 * len(shown) + 1, 6), layout="constrained", squeeze=False)
+    figure, axes = plt.subplots(2, len(shown), figsize=(2.6 * len(shown) + 1, 6.5), layout="constrained", squeeze=False)
     for column, (lam2, run, latent) in enumerate(shown):
         metrics = run["metrics"]
         order = latent["mu_variance"].argsort(descending=True)  # the active units first, top left
         image = axes[0, column].imshow(latent["mu_correlation"][order][:, order].abs().numpy(), vmin=0, vmax=1,
                                        cmap="magma")
         axes[0, column].set_title(f"{'VAE' if lam2 == 0 else f'BTVAE {lam2:g}'} (seed {run['seed']})\n"
-                                  f"mean |off-diagonal| {number(metrics.get('latent_correlation'), 3)}, "
-                                  f"{number(metrics.get('active_correlation'), 3)} among active", fontsize=9)
+                                  f"mean |off-diagonal| {number(metrics.get('latent_correlation'), 3)}\n"
+                                  f"among active units {number(metrics.get('active_correlation'), 3)}", fontsize=9)
         axes[0, column].set_xticks([])
         axes[0, column].set_yticks([])
         variances = latent["mu_variance"].sort(descending=True).values.clamp(min=1e-8).numpy()
