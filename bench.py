@@ -57,7 +57,7 @@ def training_setup(channels, size, lam2, project, device):
     cfg = make_config(lam2)
     model = btvae.ConvVAE(channels, size, cfg.hidden_dims, cfg.latent_dim).to(device)
     if project:
-        btvae.prepare_for_speed(model, [], cfg, device)
+        btvae.prepare_for_speed(model, [], device, btvae.use_bf16(cfg.precision, device))
         optimiser = btvae.make_optimiser(model, cfg, device)
     else:
         optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -67,7 +67,8 @@ def training_setup(channels, size, lam2, project, device):
 def images_per_second(setup, images, device):
     model, optimiser, cfg = setup
     start = time.perf_counter()
-    _, seen = btvae.run_epoch(model, images, cfg, device, optimiser, torch.Generator().manual_seed(0))
+    btvae.run_epoch(model, images, cfg, device, optimiser, torch.Generator().manual_seed(0))
+    seen = len(images) - len(images) % cfg.batch_size  # full batches only
     return seen / (time.perf_counter() - start)
 
 

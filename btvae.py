@@ -11,29 +11,29 @@ The idea in one picture (the paper's Figure 1):
 
 An image and its own reconstruction should carry the same features, so BTVAE
 treats them as two "distorted views" of one sample, as Barlow Twins
-(Zbontar et al., 2021) does with two augmentations, and adds the Barlow Twins
-loss between their embeddings to the usual VAE objective (Eq. 4):
+(Zbontar et al., 2021) does with two augmentations of an image, and adds the
+Barlow Twins loss between their embeddings to the VAE's objective (Eq. 4):
 
-    loss = MSE(x, x_recon) + lam1 * KL(q(z|x) || N(0, I)) + lam2 * BT(z_gt, z_recon)
+    loss = MSE(x, x_recon) + lambda1 KL(q(z|x) || N(0, I)) + lambda2 BT(z_gt, z_recon)
 
-With lam2 = 0 this is exactly the baseline VAE. The file reads top to bottom
-like the paper:
+With lambda2 = 0 this is exactly the baseline VAE. The file reads like the paper:
 
-    0. Configuration           hyper-parameters of Sec. 3.3, as command-line flags
-    1. Data                    MNIST, CIFAR-10, CelebA 64x64, your own images (Sec. 3.1)
-    2. Model                   convolutional encoder and decoder (Sec. 2.1.1, 2.1.2, 3.3)
-    3. Reparameterisation      z = mu + sigma * eps (Sec. 2.1)
-    4. Losses                  ELBO (Eq. 2), Barlow Twins (Eq. 3), BTVAE (Eq. 4)
-    5. Training                Adam with early stopping on the validation loss (Sec. 3.3),
-                               a checkpoint after every epoch, --resume
-    6. Sampling                the 12x12 sample grids of Figure 2 (Sec. 3.2)
-    7. FID                     Frechet Inception Distance, Table 1 (Sec. 3.1), precision and recall
-    8. Main                    one run: train, sample, measure, write everything to --out;
-                               speed settings that leave the method unchanged (prepare_for_speed)
+    The method
+      1. Model                 convolutional encoder and decoder (Sec. 2.1.1, 2.1.2, 3.3)
+      2. Reparameterisation    z = mu + sigma * eps (Sec. 2.1)
+      3. Objective             the VAE's (Eq. 2), Barlow Twins (Eq. 3), BTVAE's (Eq. 4)
+      4. Training              an epoch of Adam, early stopping on the validation loss (Sec. 3.3)
+      5. Sampling              the sample grids of Figure 2 (Sec. 3.2)
+    The experiments
+      6. Data                  MNIST, CIFAR-10, CelebA 64x64, or a folder of images (Sec. 3.1)
+      7. FID                   Table 1's metric (Sec. 3.1), with precision and recall
+      8. Latent space          what the Barlow Twins term does to it (beyond the paper)
+    ----- a first reading can stop here -----
+    The harness                flags, checkpoints and --resume, Ctrl-C, speed, output files, main
 
 Where the paper's text and the authors' released code disagree, this file
-follows the decisions listed in README.md ("Deviations"); each one is also
-explained in a comment where it happens.
+follows the decisions listed in README.md ("Deviations"); each is explained
+where it happens.
 
 Usage:  python btvae.py --dataset mnist --lam2 0.025
 """
@@ -51,7 +51,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -62,205 +62,354 @@ from PIL import Image
 from torchvision.utils import save_image
 
 
-class UsageError(Exception):
-    """Bad input from the user: shown as one line, exit status 2, nothing written."""
+# =============================================================================
+# 1. Model (Sec. 2.1.1, 2.1.2, 3.3)
+#
+# Encoder: blocks of Conv2d(kernel 3, stride 2, padding 1) -> BatchNorm2d ->
+# LeakyReLU with widths 16, 32, 64, 128, 256 (Sec. 3.3), each halving the
+# image, then two linear heads predicting the mean and log-variance of
+# q(z|x) = N(mu, diag(sigma^2)). Predicting log sigma^2 rather than sigma keeps
+# sigma positive without a constraint. (The paper's text also puts a sigmoid on
+# these heads; that would forbid negative means, and the authors' code has none.)
+#
+# Decoder: the mirror image, a linear layer back to the smallest feature map and
+# ConvTranspose2d blocks that each double it, then a 3x3 conv to the image's
+# channels. Its Sigmoid output matches the data's [0, 1] range, so the MSE of
+# Eq. 2 compares like with like (the authors' code put a Tanh, range [-1, 1], on
+# data in [0, 1]).
+# =============================================================================
+
+def conv_block(in_channels, out_channels, transposed=False):
+    if transposed:  # output_padding=1 makes the transposed conv exactly double the size
+        conv = nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1)
+    else:
+        conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.LeakyReLU())
 
 
-class TrainingDiverged(Exception):
-    """The loss became NaN or infinite: the run stops, keeping what it has."""
+def bottleneck_side(image_size, depth):
+    """The side of the smallest feature map: each of the `depth` encoder blocks halves the image."""
+    if image_size % 2 ** depth:
+        raise ValueError(f"an image size of {image_size} is not divisible by 2^{depth} = {2 ** depth} "
+                         f"(each of the {depth} encoder blocks halves the image)")
+    return image_size // 2 ** depth
 
 
-class FIDUnavailable(Exception):
-    """The FID network cannot be had (no weights, no torch-fidelity): FID is recorded as null."""
+class ConvVAE(nn.Module):
+    """The network shared by the VAE and BTVAE: only the objective (Section 3) differs."""
 
+    def __init__(self, channels, image_size, hidden_dims=(16, 32, 64, 128, 256), latent_dim=128):
+        super().__init__()
+        self.architecture = dict(channels=channels, image_size=image_size,
+                                 hidden_dims=tuple(hidden_dims), latent_dim=latent_dim)
+        side = bottleneck_side(image_size, len(hidden_dims))
+        self.bottleneck_shape = (hidden_dims[-1], side, side)
+        widths = [channels, *hidden_dims]
+        flat = math.prod(self.bottleneck_shape)
 
-class RunInterrupted(Exception):
-    """Ctrl-C or SIGTERM during training: the last epoch's checkpoint is kept for --resume."""
+        self.encoder = nn.Sequential(*(conv_block(a, b) for a, b in zip(widths[:-1], widths[1:])), nn.Flatten())
+        self.to_mu = nn.Linear(flat, latent_dim)
+        self.to_logvar = nn.Linear(flat, latent_dim)
+
+        reversed_widths = [*reversed(hidden_dims), hidden_dims[0]]  # e.g. 256, 128, 64, 32, 16, 16
+        self.from_latent = nn.Linear(latent_dim, flat)
+        self.decoder = nn.Sequential(
+            *(conv_block(a, b, transposed=True) for a, b in zip(reversed_widths[:-1], reversed_widths[1:])),
+            nn.Conv2d(hidden_dims[0], channels, 3, padding=1),
+            nn.Sigmoid())
+
+    # Both return float32 even when the layers run in bfloat16 (--precision), so every loss is float32.
+    def encode(self, x):
+        """x -> (mu, logvar) of q(z|x), each batch x latent_dim."""
+        features = self.encoder(x)
+        return self.to_mu(features).float(), self.to_logvar(features).float()
+
+    def decode(self, z):
+        """z -> image in [0, 1]."""
+        return self.decoder(self.from_latent(z).view(-1, *self.bottleneck_shape)).float()
 
 
 # =============================================================================
-# 0. Configuration (Sec. 3.3)
+# 2. Reparameterisation trick (Sec. 2.1)
 #
-# Every hyper-parameter is a flag whose default is the paper's value, or, where
-# the paper and the authors' code disagree, the choice explained in README.md.
+# Sampling z ~ N(mu, sigma^2) directly has no gradient with respect to mu and
+# sigma; writing z = mu + sigma * eps with eps ~ N(0, I) moves the randomness
+# into eps, so the gradient flows through mu and sigma.
+# =============================================================================
+
+def reparameterise(mu, logvar):
+    sigma = torch.exp(0.5 * logvar)  # logvar = log sigma^2
+    return mu + sigma * torch.randn_like(sigma)
+
+
+# =============================================================================
+# 3. Objective (Sec. 2.1.3, 2.2)
+#
+# Eq. 2, the baseline VAE:   MSE(x, x_recon) + lambda1 KL(q(z|x) || N(0, I))
+# Eq. 3, Barlow Twins:       sum_i (1 - C_ii)^2 + delta sum_{i != j} C_ij^2
+# Eq. 4, BTVAE:              Eq. 2 + lambda2 BT(z_gt, z_recon)
+#
+# Names in the code: lambda1 is lam1, lambda2 is lam2 (the flags --lam1,
+# --lam2), delta is delta; the twins are z_gt and z_recon, C is the return
+# value of cross_correlation.
+# =============================================================================
+
+def kl_to_standard_normal(mu, logvar):
+    """KL(N(mu, sigma^2) || N(0, I)) in closed form: 1/2 sum_d (sigma_d^2 + mu_d^2 - 1 - log sigma_d^2).
+
+    Summed over the latent dimensions (it is one KL of a D-dimensional
+    Gaussian), averaged over the batch.
+    """
+    return 0.5 * (logvar.exp() + mu.pow(2) - 1 - logvar).sum(dim=1).mean()
+
+
+def vae_loss(x, x_recon, mu, logvar, lam1):
+    """Eq. 2: MSE(x, x_recon) + lambda1 KL(q(z|x) || N(0, I)); returns it with its two terms.
+
+    MSE replaces the Gaussian negative log-likelihood (Sec. 2.1.3), a mean over
+    pixels. lambda1: the paper says it was fixed at 1, but with a mean over
+    pixels (~0.01-0.05) against a KL summed over 128 dimensions (tens of nats)
+    a weight of 1 lets the KL win and the posterior collapse to the prior
+    (every sample is the mean image). The authors' code trained with 0.00025;
+    so do we, in training and validation alike.
+    """
+    recon = F.mse_loss(x_recon, x)
+    kl = kl_to_standard_normal(mu, logvar)
+    return recon + lam1 * kl, recon, kl
+
+
+BT_EPS = 1e-5  # as BatchNorm1d's default, which the official Barlow Twins code uses to standardise
+
+
+def standardise(z, eps=BT_EPS):
+    """Each feature to zero mean and unit variance over the batch (biased variance, like BatchNorm)."""
+    return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
+
+
+def cross_correlation(z_a, z_b):
+    """C of Eq. 3: C_ij is the correlation over the batch between feature i of z_a and feature j of z_b.
+
+    Each feature is standardised over the batch and the product divided by the
+    real batch size, as the official Barlow Twins code does. The paper writes
+    C = z_A^T z_B without the standardisation, which would make the "1" that
+    the diagonal term aims for meaningless.
+    """
+    return standardise(z_a).T @ standardise(z_b) / z_a.shape[0]
+
+
+def barlow_twins_loss(z_gt, z_recon, delta=5e-3):
+    """Eq. 3: sum_i (1 - C_ii)^2 + delta sum_{i != j} C_ij^2.
+
+    The diagonal term pulls C_ii to 1 (each feature agrees between the twins);
+    the off-diagonal term pushes C_ij to 0 (features carry no redundant
+    information).
+    """
+    c = cross_correlation(z_gt, z_recon)
+    diagonal = torch.diagonal(c)
+    on_diagonal = (1 - diagonal).pow(2).sum()
+    off_diagonal = c.pow(2).sum() - diagonal.pow(2).sum()
+    return on_diagonal + delta * off_diagonal
+
+
+def twins(model, mu, logvar, z, x_recon, bt_on):
+    """The pairs (z_gt, z_recon) that the Barlow Twins loss compares: the reconstruction is encoded again (Fig. 1).
+
+    Gradients flow through both encoder passes and through x_recon into the
+    decoder, as in the authors' code. In training mode this pass also updates
+    BatchNorm's running statistics with reconstructions, as theirs did.
+    """
+    mu_recon, logvar_recon = model.encode(x_recon)
+    if bt_on == "mu":  # the paper's z_gt and z_recon, taken as the posterior means
+        return [(mu, mu_recon)]
+    if bt_on == "z":  # sampled embeddings
+        return [(z, reparameterise(mu_recon, logvar_recon))]
+    return [(mu, mu_recon), (logvar, logvar_recon)]  # "mu+logvar", what the authors' released code computed
+
+
+LOSS_TERMS = ("loss", "recon", "kl", "bt")
+
+
+def btvae_loss(model, x, lam1, lam2, bt_on="mu", delta=5e-3):
+    """Eq. 4: Eq. 2 + lambda2 BT(z_gt, z_recon). Returns the total ("loss") and each unweighted term."""
+    mu, logvar = model.encode(x)
+    z = reparameterise(mu, logvar)
+    x_recon = model.decode(z)
+    loss, recon, kl = vae_loss(x, x_recon, mu, logvar, lam1)
+    bt = torch.zeros((), device=x.device)
+    if lam2 != 0:  # the baseline VAE skips the re-encoding: it costs exactly what a VAE costs
+        bt = sum(barlow_twins_loss(z_gt, z_recon, delta) for z_gt, z_recon in twins(model, mu, logvar, z, x_recon, bt_on))
+        loss = loss + lam2 * bt
+    return {"loss": loss, "recon": recon, "kl": kl, "bt": bt}
+
+
+# =============================================================================
+# 4. Training with early stopping (Sec. 3.3)
+#
+# Adam, learning rate 0.005, no weight decay, batches of 64; after each epoch
+# the loss on the validation split, with the same lambda1 and lambda2 as in
+# training. The run stops when that loss has not improved for `patience`
+# epochs (or after `epochs`) and ends with the best epoch's weights.
+# =============================================================================
+
+def batch_indices(count, batch_size, shuffle=None, device="cpu"):
+    """Index tensors of full batches, in the order of the generator `shuffle` if given, on `device` (where
+    the images are).
+
+    The last incomplete batch is dropped: BatchNorm and the Barlow Twins
+    standardisation need a real batch, not a remainder of one image. A split
+    smaller than one batch is a single batch.
+    """
+    order = torch.randperm(count, generator=shuffle) if shuffle is not None else torch.arange(count)
+    order = order.to(device)  # once per epoch, not once per batch
+    if count <= batch_size:
+        return [order]
+    return list(order[: count - count % batch_size].split(batch_size))
+
+
+def load_batch(images, index, device):
+    """The uint8 images at `index` as a float batch in [0, 1] on `device` (the images may already be there)."""
+    return to_model_range(images[index].to(device, non_blocking=True))
+
+
+def make_optimiser(model, cfg, device):
+    """Adam without weight decay (Sec. 3.3). fused: one kernel updates every parameter instead of ~10 small
+    ops per tensor, the same arithmetic (CPU and CUDA have it)."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0, fused=device.type in ("cpu", "cuda"))
+
+
+def run_epoch(model, images, cfg, device, optimiser=None, shuffle=None, watch=None):
+    """One pass over `images`: a training epoch if an optimiser is given, else the validation pass.
+
+    Returns the mean of each term of Eq. 4 over the images seen. `watch`
+    (below the line) wraps the batches for the progress bar and Ctrl-C.
+    """
+    training = optimiser is not None
+    model.train(training)
+    batches = batch_indices(len(images), cfg.batch_size, shuffle, images.device)
+    if watch:
+        batches = watch(batches, "train" if training else "validate")
+    totals, seen = torch.zeros(len(LOSS_TERMS), device=device), 0
+    with torch.set_grad_enabled(training):
+        for index in batches:
+            terms = btvae_loss(model, load_batch(images, index, device), cfg.lam1, cfg.lam2, cfg.bt_on, cfg.delta)
+            if training:
+                optimiser.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                optimiser.step()
+            # Summed on the device and read once per epoch: no per-step synchronisation.
+            totals += torch.stack([terms[name].detach() for name in LOSS_TERMS]) * len(index)
+            seen += len(index)
+    return dict(zip(LOSS_TERMS, (totals / seen).tolist()))
+
+
+class EarlyStopping:
+    """Remembers the best validation loss and its weights; says when `patience` epochs passed without a better one."""
+
+    def __init__(self, patience):
+        self.patience = patience
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self.best_state = None
+        self.epochs_without_improvement = 0
+
+    def should_stop(self, val_loss, model, epoch):
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch = val_loss, epoch
+            self.best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        return self.epochs_without_improvement >= self.patience
+
+    def restore_best(self, model):
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+@dataclass
+class Training:
+    """Everything the training loop changes besides the weights (a checkpoint keeps it for --resume)."""
+    optimiser: torch.optim.Optimizer
+    stopper: EarlyStopping
+    shuffle: torch.Generator  # the order of the training images, epoch after epoch
+    epoch: int = 0
+    finished: bool = False
+    stopped_early: bool = False
+
+
+def start_training(model, cfg, device):
+    return Training(make_optimiser(model, cfg, device), EarlyStopping(cfg.patience),
+                    torch.Generator().manual_seed(cfg.seed))
+
+
+def train(model, train_images, val_images, cfg, device, training=None, after_epoch=None, watch=None):
+    """Train until early stopping or cfg.epochs; the model ends with the best epoch's weights.
+
+    `training` continues an interrupted run (see Training); after_epoch(training,
+    train_terms, val_terms) is the harness's turn after each epoch (the
+    history, a log line, the NaN check, the checkpoint), and `watch` its hold
+    on each batch (see run_epoch). The best weights are restored even when one
+    of them raises.
+    """
+    training = training or start_training(model, cfg, device)
+    try:
+        while not training.finished:
+            training.epoch += 1
+            train_terms = run_epoch(model, train_images, cfg, device, training.optimiser, training.shuffle, watch)
+            val_terms = run_epoch(model, val_images, cfg, device, watch=watch)
+            training.stopped_early = training.stopper.should_stop(val_terms["loss"], model, training.epoch)
+            training.finished = training.stopped_early or training.epoch == cfg.epochs
+            if after_epoch:
+                after_epoch(training, train_terms, val_terms)
+    finally:
+        training.stopper.restore_best(model)
+    return training
+
+
+# =============================================================================
+# 5. Sampling (Sec. 3.2, Figure 2)
+#
+# A VAE generates by decoding draws from the prior p(z) = N(0, I). The paper's
+# Figure 2 shows 144 of them as a 12 x 12 grid. Section 8 adds a second
+# sampler, a mixture fitted to where the encoder puts the training images.
+# =============================================================================
+
+@torch.no_grad()
+def generate(model, count, generator, device, mixture=None):
+    """`count` images decoded from the prior N(0, I), or from a LatentMixture (Section 8).
+
+    z is drawn on the CPU with `generator`, so the images are the same on every device.
+    """
+    model.eval()
+    if mixture is None:
+        z = torch.randn(count, model.architecture["latent_dim"], generator=generator)
+    else:
+        z = mixture.sample(count, generator)
+    return model.decode(z.to(device))
+
+
+@torch.no_grad()
+def reconstruct(model, images):
+    """Decode the posterior mean: the model's best guess of each image."""
+    model.eval()
+    mu, _ = model.encode(images)
+    return model.decode(mu)
+
+
+# =============================================================================
+# 6. Data (Sec. 3.1)
+#
+# Each split is decoded once into one uint8 tensor (N x C x H x W) held in
+# memory; a training batch is a slice of it, scaled to [0, 1] on the fly. That
+# keeps per-image Python work off the training path entirely: an MNIST epoch
+# is ~900 tensor slices, not 60,000 PIL decodes. (UsageError, raised for bad
+# data, and the caches are part of the harness, below the line.)
 # =============================================================================
 
 DATASETS = ("mnist", "cifar10", "celeba", "folder")
 IMAGE_CHANNELS = {"mnist": 1, "cifar10": 3, "celeba": 3, "folder": 3}
 DEFAULT_IMAGE_SIZE = {"mnist": 32, "cifar10": 32, "celeba": 64, "folder": 64}
-FID_FEATURE_SIZES = (64, 192, 768, 2048)  # the Inception-v3 layers torch-fidelity offers
 
-
-class DefaultsInHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Show each flag's default in --help, except where the help text explains a computed one."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints its whole usage block on an error; we want one line saying what to fix."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
-
-
-def _number(text, flag, minimum=None, above=None, integer=False):
-    """Parse a flag's value, rejecting NaN, infinities and out-of-range values with a clear message."""
-    kind = "an integer" if integer else "a finite number"
-    try:
-        value = int(text) if integer else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{flag} must be {kind}, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{flag} must be {kind}, got {text!r}")
-    if above is not None and value <= above:
-        raise argparse.ArgumentTypeError(f"{flag} must be greater than {above}, got {text!r}")
-    if minimum is not None and value < minimum:
-        raise argparse.ArgumentTypeError(f"{flag} must be at least {minimum}, got {text!r}")
-    return value
-
-
-def _hidden_dims(text):
-    try:
-        dims = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        dims = ()
-    if not dims or min(dims) < 1:
-        raise argparse.ArgumentTypeError(
-            f"--hidden-dims must be comma-separated positive integers such as 16,32,64,128,256, got {text!r}")
-    return dims
-
-
-def build_parser():
-    p = OneLineErrorParser(
-        description="Train a BTVAE (or, with --lam2 0, the baseline VAE), sample from it and measure its FID.",
-        formatter_class=DefaultsInHelp)
-    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="data set (Sec. 3.1); 'folder' is every image below --data-dir")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="data root, in torchvision's layout; missing data is downloaded here")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where decoded CelebA tensors and FID reference statistics are kept (default: <data-dir>/btvae_cache)")
-    p.add_argument("--lam1", type=lambda s: _number(s, "--lam1", minimum=0), default=0.00025,
-                   help="KL weight lambda1 (Eq. 2); the authors' training value, see README 'Deviations'")
-    p.add_argument("--lam2", type=lambda s: _number(s, "--lam2"), default=0.025,
-                   help="Barlow Twins weight lambda2 (Eq. 4); 0 is the baseline VAE, negative values are the paper's ablation")
-    p.add_argument("--bt-offdiag", type=lambda s: _number(s, "--bt-offdiag", minimum=0), default=5e-3,
-                   help="delta, weight of the off-diagonal Barlow Twins term (Eq. 3, Sec. 3.3)")
-    p.add_argument("--bt-on", choices=("mu", "z", "mu+logvar"), default="mu",
-                   help="what the Barlow Twins loss compares: posterior means, sampled z, or the authors' BT(mu)+BT(logvar)")
-    p.add_argument("--latent-dim", type=lambda s: _number(s, "--latent-dim", minimum=1, integer=True), default=128,
-                   help="dimension D of the latent space (Sec. 2.1)")
-    p.add_argument("--hidden-dims", type=_hidden_dims, default=(16, 32, 64, 128, 256),
-                   help="encoder conv widths (Sec. 3.3); the decoder mirrors them")
-    p.add_argument("--image-size", type=lambda s: _number(s, "--image-size", minimum=1, integer=True), default=None,
-                   help="side of the square images (default: 32 for mnist and cifar10, 64 for celeba and folder)")
-    p.add_argument("--batch-size", type=lambda s: _number(s, "--batch-size", minimum=2, integer=True), default=64,
-                   help="batch size (Sec. 3.3); at least 2, since BatchNorm and Barlow Twins standardise over the batch")
-    p.add_argument("--lr", type=lambda s: _number(s, "--lr", above=0), default=0.005, help="Adam learning rate (Sec. 3.3)")
-    p.add_argument("--epochs", type=lambda s: _number(s, "--epochs", minimum=1, integer=True), default=50,
-                   help="maximum number of epochs (Sec. 3.3)")
-    p.add_argument("--patience", type=lambda s: _number(s, "--patience", minimum=1, integer=True), default=5,
-                   help="early stopping: epochs without a better validation loss before stopping (Sec. 3.3)")
-    p.add_argument("--seed", type=lambda s: _number(s, "--seed", minimum=0, integer=True), default=0, help="random seed")
-    p.add_argument("--subset", type=lambda s: _number(s, "--subset", minimum=2, integer=True), default=None,
-                   help="train on the first N training images only, for quick runs")
-    p.add_argument("--fid-samples", type=lambda s: _number(s, "--fid-samples", minimum=0, integer=True), default=10000,
-                   help="generated (and test) images for FID (Sec. 3.1); 0 skips FID")
-    p.add_argument("--fid-feature", type=int, choices=FID_FEATURE_SIZES, default=64,
-                   help="Inception-v3 feature layer for FID (Sec. 3.3 uses 64)")
-    p.add_argument("--fid-weights", type=Path, default=None,
-                   help="local FID Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth); default downloads them")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="where to train; auto picks cuda, then mps, then cpu")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="arithmetic of the network: bf16 is mixed precision (weights, optimiser and losses stay fp32); "
-                        "auto is bf16 on GPUs that support it, fp32 on CPU and mps (README 'Speed')")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<dataset>_lam2=<value>_seed<seed>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the interrupted run in --out from its last checkpoint (same settings required)")
-    p.add_argument("--evaluate", type=Path, default=None, metavar="MODEL_PT",
-                   help="measure a trained model.pt instead of training: samples, reconstructions, FID and the latent "
-                        "metrics, with the settings it was trained with (default --out: runs/evaluate/<run name>)")
-    return p
-
-
-# With --evaluate, the model file decides these: they are what it was trained with.
-SETTINGS_OF_A_TRAINED_MODEL = ("lam1", "lam2", "bt_offdiag", "latent_dim", "hidden_dims", "image_size", "batch_size",
-                               "lr", "epochs", "patience")
-# and these too, unless given: what it was trained on (the probe and mixture use the same training images),
-# the seed (the same samples), and which embeddings twin_correlation compares.
-DEFAULTS_OF_A_TRAINED_MODEL = ("dataset", "subset", "seed", "bt_on")
-
-
-def take_settings_of_the_model(cfg, argv):
-    """--evaluate: fill cfg with the settings saved in the model file; refuse flags that would contradict them."""
-    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
-    refused = [f"--{name.replace('_', '-')}" for name in (*SETTINGS_OF_A_TRAINED_MODEL, "resume")
-               if f"--{name.replace('_', '-')}" in given]
-    if refused:
-        raise UsageError(f"{', '.join(refused)} cannot be used with --evaluate, which measures the model with the "
-                         "settings it was trained with; leave them out")
-    trained = read_model_file(cfg.evaluate)
-    for name in SETTINGS_OF_A_TRAINED_MODEL + DEFAULTS_OF_A_TRAINED_MODEL:
-        if f"--{name.replace('_', '-')}" not in given:
-            setattr(cfg, name, trained["config"][name])
-    cfg.hidden_dims = tuple(cfg.hidden_dims)
-    channels = trained["architecture"]["channels"]
-    if channels != IMAGE_CHANNELS[cfg.dataset]:
-        raise UsageError(f"--evaluate: {cfg.evaluate} was trained on {channels}-channel images, and --dataset "
-                         f"{cfg.dataset} has {IMAGE_CHANNELS[cfg.dataset]}; pass the data set it was trained on "
-                         f"(--dataset {trained['config']['dataset']})")
-
-
-def parse_config(argv=None):
-    """Parse and check every flag, so that bad input fails before anything is read or written."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = build_parser().parse_args(argv)
-    if cfg.evaluate is not None:
-        take_settings_of_the_model(cfg, argv)
-    if cfg.image_size is None:
-        cfg.image_size = DEFAULT_IMAGE_SIZE[cfg.dataset]
-    downsampling = 2 ** len(cfg.hidden_dims)
-    if cfg.image_size % downsampling:
-        raise UsageError(
-            f"--image-size {cfg.image_size} is not divisible by 2^{len(cfg.hidden_dims)} = {downsampling} "
-            f"(each of the {len(cfg.hidden_dims)} --hidden-dims layers halves the image); "
-            f"use a multiple of {downsampling} or fewer --hidden-dims")
-    if cfg.fid_samples == 1:
-        raise UsageError("--fid-samples must be 0 (skip FID) or at least 2 (FID needs a covariance)")
-    if cfg.dataset == "folder" and not cfg.data_dir.is_dir():
-        raise UsageError(f"--data-dir {cfg.data_dir} is not a folder; point --data-dir at a folder of images")
-    if cfg.fid_weights is not None:
-        try:
-            torch.load(cfg.fid_weights, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise UsageError(
-                f"--fid-weights {cfg.fid_weights} cannot be read as PyTorch weights ({first_line(error)}); "
-                "pass torch-fidelity's weights-inception-2015-12-05-6726825d.pth or leave the flag out to download it") from None
-    if cfg.cache_dir is None:
-        cfg.cache_dir = cfg.data_dir / "btvae_cache"
-    if cfg.out is None:
-        cfg.out = Path("runs", *(["evaluate"] if cfg.evaluate else []), f"{cfg.dataset}_lam2={cfg.lam2:g}_seed{cfg.seed}")
-    return cfg
-
-
-def shown(value, digits=3):
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def first_line(error):
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
-# =============================================================================
-# 1. Data (Sec. 3.1)
-#
-# Each split is decoded once into one uint8 tensor (N x C x H x W) held in
-# memory; a training batch is a slice of it, scaled to [0, 1] on the fly. That
-# keeps per-image Python work off the training path entirely: an MNIST epoch
-# is ~900 tensor slices, not 60,000 PIL decodes.
-# =============================================================================
 
 @dataclass
 class Split:
@@ -421,34 +570,6 @@ def load_folder(data_dir, size):
     return Split(images)
 
 
-def save_atomically(obj, path):
-    """torch.save to a temporary file, then rename: a run stopped mid-write keeps the previous file whole."""
-    temporary = path.with_suffix(".tmp")
-    torch.save(obj, temporary)
-    temporary.replace(path)
-
-
-def load_from_cache(path):
-    """What save_to_cache kept at path, or None if there is nothing (readable) there: it is then made again."""
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as error:
-        print(f"note: the cache {path} is unreadable ({first_line(error)}); making it again", flush=True)
-        return None
-
-
-def save_to_cache(tensor, path):
-    """Caches are a convenience: an unwritable cache folder costs time, never the run."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomically(tensor, path)
-    except OSError as error:
-        print(f"note: could not cache {path.name} in {path.parent} ({first_line(error)}); "
-              "pass a writable --cache-dir to skip this work next time", flush=True)
-
-
 def load_data(cfg):
     """The train, validation and test splits of cfg.dataset as uint8 tensors of cfg.image_size.
 
@@ -480,476 +601,6 @@ def load_data(cfg):
 
 
 # =============================================================================
-# 2. Model (Sec. 2.1.1, 2.1.2, 3.3)
-#
-# Encoder: blocks of Conv2d(kernel 3, stride 2, padding 1) -> BatchNorm2d ->
-# LeakyReLU with widths 16, 32, 64, 128, 256 (Sec. 3.3), each halving the
-# image, then two linear heads predicting the mean and log-variance of
-# q(z|x) = N(mu, diag(sigma^2)). Predicting log sigma^2 rather than sigma keeps
-# sigma positive without a constraint. (The paper's text also puts a sigmoid on
-# these heads; that would forbid negative means, and the authors' code has none.)
-#
-# Decoder: the mirror image, a linear layer back to the smallest feature map and
-# ConvTranspose2d blocks that each double it, then a 3x3 conv to the image's
-# channels. Its Sigmoid output matches the data's [0, 1] range, so the MSE of
-# Eq. 2 compares like with like (the authors' code put a Tanh, range [-1, 1], on
-# data in [0, 1]).
-# =============================================================================
-
-def conv_block(in_channels, out_channels, transposed=False):
-    if transposed:  # output_padding=1 makes the transposed conv exactly double the size
-        conv = nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1)
-    else:
-        conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
-    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.LeakyReLU())
-
-
-class ConvVAE(nn.Module):
-    """The network shared by the VAE and BTVAE: only the objective (Section 4) differs.
-
-    mixed_precision = True runs the layers in bfloat16 (torch.autocast), the
-    usual way to use a recent GPU; what encode and decode return is float32
-    either way, so every loss is computed in float32.
-    """
-
-    mixed_precision = False
-
-    def __init__(self, channels, image_size, hidden_dims=(16, 32, 64, 128, 256), latent_dim=128):
-        super().__init__()
-        if image_size % 2 ** len(hidden_dims):
-            raise ValueError(f"image_size {image_size} is not divisible by 2^{len(hidden_dims)}")
-        self.architecture = dict(channels=channels, image_size=image_size,
-                                 hidden_dims=tuple(hidden_dims), latent_dim=latent_dim)
-        widths = [channels, *hidden_dims]
-        self.bottleneck_shape = (hidden_dims[-1], image_size // 2 ** len(hidden_dims), image_size // 2 ** len(hidden_dims))
-        flat = math.prod(self.bottleneck_shape)
-
-        self.encoder = nn.Sequential(*(conv_block(a, b) for a, b in zip(widths[:-1], widths[1:])), nn.Flatten())
-        self.to_mu = nn.Linear(flat, latent_dim)
-        self.to_logvar = nn.Linear(flat, latent_dim)
-
-        reversed_widths = [*reversed(hidden_dims), hidden_dims[0]]  # e.g. 256, 128, 64, 32, 16, 16
-        self.from_latent = nn.Linear(latent_dim, flat)
-        self.decoder = nn.Sequential(
-            *(conv_block(a, b, transposed=True) for a, b in zip(reversed_widths[:-1], reversed_widths[1:])),
-            nn.Conv2d(hidden_dims[0], channels, 3, padding=1),
-            nn.Sigmoid())
-
-    def encode(self, x):
-        """x -> (mu, logvar) of q(z|x), each batch x latent_dim."""
-        with self.autocast(x):
-            features = self.encoder(x)
-            mu, logvar = self.to_mu(features), self.to_logvar(features)
-        return mu.float(), logvar.float()
-
-    def decode(self, z):
-        """z -> image in [0, 1]."""
-        with self.autocast(z):
-            x = self.decoder(self.from_latent(z).view(-1, *self.bottleneck_shape))
-        return x.float()
-
-    def autocast(self, tensor):
-        return torch.autocast(tensor.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
-
-
-def save_model(model, cfg, path):
-    """model.pt: weights, the architecture to rebuild them into, and the run's settings."""
-    save_atomically({"architecture": model.architecture, "state_dict": model.state_dict(),
-                     "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}}, path)
-
-
-def read_model_file(path):
-    """The contents of a model.pt (see save_model); anything else is a UsageError."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"architecture", "state_dict", "config"} - set(saved)
-        if missing:
-            raise ValueError(f"no {', '.join(sorted(missing))}")
-        return saved
-    except Exception as error:
-        raise UsageError(f"{path} is not a btvae.py model.pt ({first_line(error)}); "
-                         "pass the model.pt a run wrote") from None
-
-
-def load_model(path, device="cpu"):
-    """Rebuild a trained model from the model.pt a run writes (weights plus architecture)."""
-    saved = read_model_file(path)
-    try:
-        model = ConvVAE(**saved["architecture"])
-        model.load_state_dict(saved["state_dict"])
-    except Exception as error:
-        raise UsageError(f"{path}: its weights do not fit its architecture ({first_line(error)}); "
-                         "pass the model.pt a run wrote") from None
-    return model.to(device).eval()
-
-
-# =============================================================================
-# 3. Reparameterisation trick (Sec. 2.1)
-#
-# Sampling z ~ N(mu, sigma^2) directly has no gradient with respect to mu and
-# sigma; writing z = mu + sigma * eps with eps ~ N(0, I) moves the randomness
-# into eps, so the gradient flows through mu and sigma.
-# =============================================================================
-
-def reparameterise(mu, logvar):
-    sigma = torch.exp(0.5 * logvar)
-    return mu + sigma * torch.randn_like(sigma)
-
-
-# =============================================================================
-# 4. Losses
-#
-# Eq. 2, the baseline VAE:   MSE(x, x_recon) + lam1 * KL(q(z|x) || N(0, I))
-# Eq. 3, Barlow Twins:       sum_i (1 - C_ii)^2 + delta * sum_{i != j} C_ij^2
-# Eq. 4, BTVAE:              Eq. 2 + lam2 * BT(z_gt, z_recon)
-# =============================================================================
-
-def kl_to_standard_normal(mu, logvar):
-    """KL(N(mu, sigma^2) || N(0, I)) in closed form: 1/2 sum_d (sigma_d^2 + mu_d^2 - 1 - log sigma_d^2).
-
-    Summed over the latent dimensions (it is one KL of a D-dimensional
-    Gaussian), averaged over the batch.
-    """
-    return 0.5 * (logvar.exp() + mu.pow(2) - 1 - logvar).sum(dim=1).mean()
-
-
-BT_EPS = 1e-5  # as BatchNorm1d's default, which the official Barlow Twins code uses to standardise
-
-
-def standardise(z, eps=BT_EPS):
-    """Each feature to zero mean and unit variance over the batch (biased variance, like BatchNorm)."""
-    return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
-
-
-def barlow_twins_loss(z_a, z_b, offdiag_weight=5e-3):
-    """Eq. 3 as the official Barlow Twins code computes it.
-
-    C is the cross-correlation matrix of the two batches of embeddings, each
-    feature standardised over the batch and divided by the real batch size N,
-    so C_ij is the correlation between feature i of z_a and feature j of z_b.
-    The diagonal term pulls C_ii to 1 (each feature agrees between the twins);
-    the off-diagonal term pushes C_ij to 0 (features carry no redundant
-    information). The paper writes C = z_A^T z_B without the standardisation,
-    which would make the "1" on the diagonal meaningless.
-    """
-    c = cross_correlation(z_a, z_b)
-    diagonal = torch.diagonal(c)
-    on_diagonal = (1 - diagonal).pow(2).sum()
-    off_diagonal = c.pow(2).sum() - diagonal.pow(2).sum()
-    return on_diagonal + offdiag_weight * off_diagonal
-
-
-def cross_correlation(z_a, z_b):
-    """C of Eq. 3: C_ij is the correlation over the batch between feature i of z_a and feature j of z_b."""
-    return standardise(z_a).T @ standardise(z_b) / z_a.shape[0]
-
-
-LOSS_TERMS = ("loss", "recon", "kl", "bt")
-
-
-def btvae_loss(model, x, lam1, lam2, bt_on="mu", bt_offdiag=5e-3):
-    """Eq. 4: the ELBO of Eq. 2 plus lam2 times the Barlow Twins loss between x's and x_recon's embeddings.
-
-    Returns a dict with the weighted total ("loss") and each unweighted term.
-
-    lam1 (the KL weight): the paper says it was fixed at 1, but its MSE is a
-    mean over pixels (~0.01-0.05) while the KL is a sum over 128 latent
-    dimensions (tens of nats), so a weight of 1 lets the KL win and the
-    posterior collapse to the prior (every sample is the mean image). The
-    authors' code trained with 0.00025; we use it, in training and validation
-    alike.
-    """
-    mu, logvar = model.encode(x)
-    z = reparameterise(mu, logvar)
-    x_recon = model.decode(z)
-    recon = F.mse_loss(x_recon, x)  # Sec. 2.1.3: MSE in place of the Gaussian negative log-likelihood
-    kl = kl_to_standard_normal(mu, logvar)
-    loss = recon + lam1 * kl
-
-    bt = torch.zeros((), device=x.device)
-    if lam2 != 0:  # the baseline VAE skips the re-encoding: it costs exactly what a VAE costs
-        bt = sum(barlow_twins_loss(z_gt, z_recon, bt_offdiag)
-                 for z_gt, z_recon in twins(model, mu, logvar, z, x_recon, bt_on))
-        loss = loss + lam2 * bt
-    return {"loss": loss, "recon": recon, "kl": kl, "bt": bt}
-
-
-def twins(model, mu, logvar, z, x_recon, bt_on):
-    """The pairs of embeddings (z_gt, z_recon) that the Barlow Twins loss compares (Fig. 1).
-
-    Re-encodes the reconstruction. Gradients flow through both encoder passes
-    and through x_recon into the decoder, as in the authors' code. In training
-    mode this pass also updates BatchNorm's running statistics with
-    reconstructions, as theirs did.
-    """
-    mu_recon, logvar_recon = model.encode(x_recon)
-    if bt_on == "mu":  # the paper's z_gt and z_recon, taken as the posterior means
-        return [(mu, mu_recon)]
-    if bt_on == "z":  # sampled embeddings
-        return [(z, reparameterise(mu_recon, logvar_recon))]
-    return [(mu, mu_recon), (logvar, logvar_recon)]  # "mu+logvar", what the authors' released code computed
-
-
-# =============================================================================
-# 5. Training with early stopping (Sec. 3.3)
-#
-# Adam, learning rate 0.005, no weight decay, batches of 64; after each epoch
-# the loss on the validation split, with the same weights as in training. The
-# run stops when it has not improved for `patience` epochs (or after `epochs`)
-# and ends with the best epoch's weights. Long runs get interrupted, so every
-# epoch also ends with a checkpoint from which --resume continues exactly.
-# =============================================================================
-
-def batch_indices(count, batch_size, generator=None, device="cpu"):
-    """Index tensors of full batches, shuffled if a generator is given, on `device` (where the images are).
-
-    The last incomplete batch is dropped: BatchNorm and the Barlow Twins
-    standardisation need a real batch, not a remainder of one image. A split
-    smaller than one batch is a single batch.
-    """
-    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
-    order = order.to(device)  # once per epoch, not once per batch
-    if count <= batch_size:
-        return [order]
-    return list(order[: count - count % batch_size].split(batch_size))
-
-
-def load_batch(images, index, device):
-    """The uint8 images at `index` as a float batch in [0, 1] on `device` (the images may already be there)."""
-    return to_model_range(images[index].to(device, non_blocking=True))
-
-
-def run_epoch(model, images, cfg, device, optimiser=None, generator=None, stop=None):
-    """One pass over `images`: a training epoch if an optimiser is given, else an evaluation.
-
-    Returns the mean of each loss term over the images seen, and how many there were.
-    Raises RunInterrupted after the step during which `stop` was requested.
-    """
-    training = optimiser is not None
-    model.train(training)
-    totals = torch.zeros(len(LOSS_TERMS), device=device)
-    seen = 0
-    with torch.set_grad_enabled(training):
-        batches = batch_indices(len(images), cfg.batch_size, generator, images.device)
-        for index in progress(batches, "train" if training else "validate"):
-            if stop is not None and stop.requested:
-                raise RunInterrupted()
-            x = load_batch(images, index, device)
-            terms = btvae_loss(model, x, cfg.lam1, cfg.lam2, cfg.bt_on, cfg.bt_offdiag)
-            if training:
-                optimiser.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                optimiser.step()
-            # Summed on the device and read once per epoch: no per-step synchronisation.
-            totals += torch.stack([terms[name].detach() for name in LOSS_TERMS]) * len(index)
-            seen += len(index)
-    return dict(zip(LOSS_TERMS, (totals / seen).tolist())), seen
-
-
-def progress(iterable, description):
-    """A progress bar on a terminal; logs and CI get the one line per epoch instead."""
-    if not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, desc=description, leave=False)
-
-
-class GracefulStop:
-    """While active, the first Ctrl-C or SIGTERM asks training to stop after the current step; a second stops at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def request(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (the last finished epoch is checkpointed); press Ctrl-C again to stop at once",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def make_optimiser(model, cfg, device):
-    """Adam without weight decay (Sec. 3.3). fused: one kernel updates every parameter instead of ~10 small
-    ops per tensor, the same arithmetic (CPU and CUDA have it)."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0, fused=device.type in ("cpu", "cuda"))
-
-
-class EarlyStopping:
-    """Remembers the best validation loss and its weights; says when to stop."""
-
-    def __init__(self, patience):
-        self.patience = patience
-        self.best_loss = math.inf
-        self.best_epoch = 0
-        self.best_state = None
-        self.epochs_without_improvement = 0
-
-    def should_stop(self, val_loss, model, epoch):
-        if val_loss < self.best_loss:
-            self.best_loss, self.best_epoch = val_loss, epoch
-            self.best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-            self.epochs_without_improvement = 0
-        else:
-            self.epochs_without_improvement += 1
-        return self.epochs_without_improvement >= self.patience
-
-    def restore_best(self, model):
-        if self.best_state is not None:
-            model.load_state_dict(self.best_state)
-
-
-# A checkpoint after every epoch holds everything the rest of the run depends
-# on, so that a run resumed from it on the CPU ends bit for bit as if it had
-# never stopped: the weights, Adam's moments, the early-stopping state, the
-# history, and the state of both random generators (the shuffling order and
-# the global one that draws eps in the reparameterisation).
-
-CHECKPOINT = "checkpoint.pt"
-NOT_RESULT_SETTINGS = ("data_dir", "cache_dir", "out", "fid_weights", "device", "resume")  # where, not what
-
-
-def result_settings(cfg):
-    """The settings a run's result depends on; a checkpoint continues only a run with the same ones."""
-    return {k: v for k, v in vars(cfg).items() if k not in NOT_RESULT_SETTINGS}
-
-
-def write_checkpoint(path, cfg, model, optimiser, stopper, shuffle, history, finished, stopped_early):
-    save_atomically({"settings": result_settings(cfg), "model": model.state_dict(),
-                     "optimiser": optimiser.state_dict(), "early_stopping": dict(vars(stopper)), "history": history,
-                     "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                     "finished": finished, "stopped_early": stopped_early}, path)
-
-
-def read_checkpoint(path, cfg):
-    """A checkpoint to resume from, refusing missing, unreadable, foreign and different-settings ones."""
-    if not path.is_file():
-        raise UsageError(f"--resume: {path} does not exist, so there is nothing to resume; run without --resume")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"settings", "model", "optimiser", "early_stopping", "history", "torch_rng"} - set(checkpoint)
-        if missing:
-            raise ValueError(f"no {', '.join(sorted(missing))}")
-        saved = checkpoint["settings"]
-    except Exception as error:
-        raise UsageError(f"--resume: {path} is not a readable btvae checkpoint ({first_line(error)}); "
-                         "delete it (and the folder's other files) to start the run over") from None
-    differing = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in result_settings(cfg).items()
-                 if saved.get(k) != v]
-    if differing:
-        raise UsageError(f"--resume: {path.parent} was run with other settings: {', '.join(differing)}; "
-                         "resume with the same flags, or choose another --out")
-    return checkpoint
-
-
-def train(model, train_images, val_images, cfg, device, out_dir=None, log=print, checkpoint=None, stop=None):
-    """Train until early stopping or cfg.epochs; the model ends with the best epoch's weights.
-
-    With an out_dir, writes after every epoch history.csv, checkpoint.pt and
-    (when the validation loss improved) model.pt, so a run stopped at any point
-    keeps all three. `checkpoint` (from read_checkpoint) continues an
-    interrupted run. On a NaN loss or Ctrl-C the best weights are restored
-    before the exception propagates.
-    """
-    optimiser = make_optimiser(model, cfg, device)
-    stopper = EarlyStopping(cfg.patience)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    history, finished, stopped_early = [], False, False
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimiser.load_state_dict(checkpoint["optimiser"])
-        vars(stopper).update(checkpoint["early_stopping"])
-        shuffle.set_state(checkpoint["shuffle_rng"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        if checkpoint["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
-        history, finished, stopped_early = checkpoint["history"], checkpoint["finished"], checkpoint["stopped_early"]
-        log(f"resuming after epoch {len(history)}" + (" (training had finished)" if finished else ""))
-    started = time.perf_counter() - (history[-1]["elapsed_seconds"] if history else 0.0)
-    try:
-        for epoch in range(len(history) + 1, cfg.epochs + 1):
-            if finished:
-                break
-            epoch_start = time.perf_counter()
-            train_terms, seen = run_epoch(model, train_images, cfg, device, optimiser, shuffle, stop)
-            epoch_train_seconds = time.perf_counter() - epoch_start
-            val_terms, _ = run_epoch(model, val_images, cfg, device)
-            row = {"epoch": epoch,
-                   **{f"train_{k}": v for k, v in train_terms.items()},
-                   **{f"val_{k}": v for k, v in val_terms.items()},
-                   "train_images": seen, "train_loop_seconds": epoch_train_seconds,
-                   "images_per_second": seen / epoch_train_seconds,
-                   "elapsed_seconds": time.perf_counter() - started}
-            history.append(row)
-            log(f"epoch {epoch:3d}/{cfg.epochs} | train loss {train_terms['loss']:.5f} "
-                f"(recon {train_terms['recon']:.5f} kl {train_terms['kl']:.2f} bt {train_terms['bt']:.3f}) | "
-                f"val loss {val_terms['loss']:.5f} (recon {val_terms['recon']:.5f} kl {val_terms['kl']:.2f} "
-                f"bt {val_terms['bt']:.3f}) | {row['images_per_second']:.0f} img/s | {row['elapsed_seconds']:.1f} s")
-            if out_dir is not None:
-                write_csv(history, out_dir / "history.csv")
-            if not all(math.isfinite(v) for v in (*train_terms.values(), *val_terms.values())):
-                raise TrainingDiverged(
-                    f"the loss became NaN or infinite in epoch {epoch}; try a smaller --lr or --lam2 "
-                    f"(the best weights so far are from epoch {stopper.best_epoch})")
-            stopped_early = stopper.should_stop(val_terms["loss"], model, epoch)
-            finished = stopped_early or epoch == cfg.epochs
-            if out_dir is not None:
-                if stopper.best_epoch == epoch:
-                    save_model(model, cfg, out_dir / "model.pt")
-                write_checkpoint(out_dir / CHECKPOINT, cfg, model, optimiser, stopper, shuffle, history,
-                                 finished, stopped_early)
-            if stopped_early:
-                log(f"early stopping: no better validation loss for {cfg.patience} epochs; "
-                    f"keeping epoch {stopper.best_epoch}")
-    finally:
-        stopper.restore_best(model)
-    train_loop_seconds = sum(row["train_loop_seconds"] for row in history)
-    return {"best_val_loss": stopper.best_loss,
-            "best_epoch": stopper.best_epoch,
-            "epochs_trained": len(history),
-            "stopped_early": stopped_early,
-            "train_seconds": history[-1]["elapsed_seconds"] if history else 0.0,
-            "images_per_second": sum(row["train_images"] for row in history) / train_loop_seconds}, history
-
-
-# =============================================================================
-# 6. Sampling (Sec. 3.2, Figure 2)
-#
-# A VAE generates by decoding draws from the prior p(z) = N(0, I). The paper's
-# Figure 2 shows 144 of them as a 12 x 12 grid.
-# =============================================================================
-
-@torch.no_grad()
-def generate(model, count, generator, device, mixture=None):
-    """`count` images decoded from the prior N(0, I), or from a mixture fitted to the latents (Section 8).
-
-    z is drawn on the CPU with `generator`, so the images are the same on every device.
-    """
-    model.eval()
-    if mixture is None:
-        z = torch.randn(count, model.architecture["latent_dim"], generator=generator)
-    else:
-        z = mixture.sample(count, generator)
-    return model.decode(z.to(device))
-
-
-@torch.no_grad()
-def reconstruct(model, images):
-    """Decode the posterior mean: the model's best guess of each image."""
-    model.eval()
-    mu, _ = model.encode(images)
-    return model.decode(mu)
-
-
-# =============================================================================
 # 7. FID (Sec. 3.1, Table 1), and precision and recall
 #
 # The Frechet distance between Gaussians fitted to Inception-v3 features of
@@ -968,6 +619,7 @@ def reconstruct(model, images):
 # neighbours in the same 64-d Inception features.
 # =============================================================================
 
+FID_FEATURE_SIZES = (64, 192, 768, 2048)  # the Inception-v3 layers torch-fidelity offers
 FID_BATCH = 50  # images resized to 299 x 299 per batch (~280 MB of activations); ran faster than 100 or 200
 PRECISION_RECALL_NEIGHBOURS = 3  # Kynkaanniemi et al.'s k
 DISTANCE_ROWS = 1000  # rows of a distance matrix held at once: 1,000 x 10,000 floats is 40 MB
@@ -1178,9 +830,437 @@ def measure_latent_space(model, train_split, test_split, bt_on, device):
     return metrics, figures, train_mu
 
 
-# =============================================================================
-# 9. Main: one run, everything written to --out
-# =============================================================================
+# #############################################################################
+#
+#   A FIRST READING CAN STOP HERE. The method is above; what follows is the
+#   harness that makes it a command-line program: flags and their checks,
+#   model files and checkpoints, --resume, Ctrl-C, speed settings, the
+#   measurements a run writes, and main().
+#
+# #############################################################################
+
+class UsageError(Exception):
+    """Bad input from the user: shown as one line, exit status 2, nothing written."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite: the run stops, keeping what it has."""
+
+
+class FIDUnavailable(Exception):
+    """The FID network cannot be had (no weights, no torch-fidelity): FID is recorded as null."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM during training: the last epoch's checkpoint is kept for --resume."""
+
+
+# -----------------------------------------------------------------------------
+# Flags (every hyper-parameter's default is the paper's value, or, where the
+# paper and the authors' code disagree, the choice explained in README.md)
+# -----------------------------------------------------------------------------
+
+class DefaultsInHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each flag's default in --help, except where the help text explains a computed one."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints its whole usage block on an error; we want one line saying what to fix."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def number(minimum=None, above=None, integer=False):
+    """An argparse type for a finite number (or an integer) in range; argparse puts the flag's name in front."""
+    kind = "an integer" if integer else "a finite number"
+
+    def parse(text):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {text!r}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def fid_sample_count(text):
+    count = number(minimum=0, integer=True)(text)
+    if count == 1:
+        raise argparse.ArgumentTypeError("must be 0 (skip FID) or at least 2 (FID needs a covariance)")
+    return count
+
+
+def hidden_dims(text):
+    try:
+        dims = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated positive integers such as 16,32,64,128,256, got {text!r}")
+    return dims
+
+
+def build_parser():
+    p = OneLineErrorParser(
+        description="Train a BTVAE (or, with --lam2 0, the baseline VAE), sample from it and measure it.",
+        formatter_class=DefaultsInHelp)
+    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="data set (Sec. 3.1); 'folder' is every image below --data-dir")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="data root, in torchvision's layout; missing data is downloaded here")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where decoded CelebA tensors, the test images' FID features and the pixel probe are kept "
+                        "(default: <data-dir>/btvae_cache)")
+    p.add_argument("--lam1", type=number(minimum=0), default=0.00025,
+                   help="KL weight lambda1 (Eq. 2); the authors' training value, see README 'Deviations'")
+    p.add_argument("--lam2", type=number(), default=0.025,
+                   help="Barlow Twins weight lambda2 (Eq. 4); 0 is the baseline VAE, negative values are the paper's ablation")
+    p.add_argument("--delta", "--bt-offdiag", type=number(minimum=0), default=5e-3,
+                   help="delta, weight of the off-diagonal Barlow Twins term (Eq. 3, Sec. 3.3); --bt-offdiag is its old name")
+    p.add_argument("--bt-on", choices=("mu", "z", "mu+logvar"), default="mu",
+                   help="what the Barlow Twins loss compares: posterior means, sampled z, or the authors' BT(mu)+BT(logvar)")
+    p.add_argument("--latent-dim", type=number(minimum=1, integer=True), default=128,
+                   help="dimension D of the latent space (Sec. 2.1)")
+    p.add_argument("--hidden-dims", type=hidden_dims, default=(16, 32, 64, 128, 256),
+                   help="encoder conv widths (Sec. 3.3); the decoder mirrors them")
+    p.add_argument("--image-size", type=number(minimum=1, integer=True), default=None,
+                   help="side of the square images (default: 32 for mnist and cifar10, 64 for celeba and folder)")
+    p.add_argument("--batch-size", type=number(minimum=2, integer=True), default=64,
+                   help="batch size (Sec. 3.3); at least 2, since BatchNorm and Barlow Twins standardise over the batch")
+    p.add_argument("--lr", type=number(above=0), default=0.005, help="Adam learning rate (Sec. 3.3)")
+    p.add_argument("--epochs", type=number(minimum=1, integer=True), default=50,
+                   help="maximum number of epochs (Sec. 3.3)")
+    p.add_argument("--patience", type=number(minimum=1, integer=True), default=5,
+                   help="early stopping: epochs without a better validation loss before stopping (Sec. 3.3)")
+    p.add_argument("--seed", type=number(minimum=0, integer=True), default=0, help="random seed")
+    p.add_argument("--subset", type=number(minimum=2, integer=True), default=None,
+                   help="train on the first N training images only, for quick runs")
+    p.add_argument("--fid-samples", type=fid_sample_count, default=10000,
+                   help="generated (and test) images for FID (Sec. 3.1); 0 skips FID")
+    p.add_argument("--fid-feature", type=int, choices=FID_FEATURE_SIZES, default=64,
+                   help="Inception-v3 feature layer for FID (Sec. 3.3 uses 64)")
+    p.add_argument("--fid-weights", type=Path, default=None,
+                   help="local FID Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth); default downloads them")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="where to train; auto picks cuda, then mps, then cpu")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="arithmetic of the network: bf16 is mixed precision (weights, optimiser and losses stay fp32); "
+                        "auto is bf16 on GPUs that support it, fp32 on CPU and mps (README 'Speed')")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<dataset>_lam2=<value>_seed<seed>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last checkpoint (same settings required)")
+    p.add_argument("--evaluate", type=Path, default=None, metavar="MODEL_PT",
+                   help="measure a trained model.pt instead of training: samples, reconstructions, FID and the latent "
+                        "metrics, with the settings it was trained with (default --out: runs/evaluate/<run name>)")
+    return p
+
+
+# With --evaluate, the model file decides these: they are what it was trained with.
+SETTINGS_OF_A_TRAINED_MODEL = ("lam1", "lam2", "delta", "latent_dim", "hidden_dims", "image_size", "batch_size",
+                               "lr", "epochs", "patience")
+# and these too, unless given: what it was trained on (the probe and mixture use the same training images),
+# the seed (the same samples), and which embeddings twin_correlation compares.
+DEFAULTS_OF_A_TRAINED_MODEL = ("dataset", "subset", "seed", "bt_on")
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def take_settings_of_the_model(cfg, argv):
+    """--evaluate: fill cfg with the settings saved in the model file; refuse flags that would contradict them."""
+    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
+    refused = [flag(name) for name in (*SETTINGS_OF_A_TRAINED_MODEL, "resume")
+               if flag(name) in given or (name == "delta" and "--bt-offdiag" in given)]
+    if refused:
+        raise UsageError(f"{', '.join(refused)} cannot be used with --evaluate, which measures the model with the "
+                         "settings it was trained with; leave them out")
+    trained = read_model_file(cfg.evaluate)
+    settings = saved_settings(trained["config"])
+    for name in SETTINGS_OF_A_TRAINED_MODEL + DEFAULTS_OF_A_TRAINED_MODEL:
+        if flag(name) not in given:
+            setattr(cfg, name, settings[name])
+    cfg.hidden_dims = tuple(cfg.hidden_dims)
+    channels = trained["architecture"]["channels"]
+    if channels != IMAGE_CHANNELS[cfg.dataset]:
+        raise UsageError(f"--evaluate: {cfg.evaluate} was trained on {channels}-channel images, and --dataset "
+                         f"{cfg.dataset} has {IMAGE_CHANNELS[cfg.dataset]}; pass the data set it was trained on "
+                         f"(--dataset {settings['dataset']})")
+
+
+def saved_settings(settings):
+    """Settings as a model.pt or checkpoint.pt saved them, in today's names (delta was once bt_offdiag)."""
+    return {("delta" if name == "bt_offdiag" else name): value for name, value in settings.items()}
+
+
+def parse_config(argv=None):
+    """Parse and check every flag, so that bad input fails before anything is read or written."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = build_parser().parse_args(argv)
+    if cfg.evaluate is not None:
+        take_settings_of_the_model(cfg, argv)
+    if cfg.image_size is None:
+        cfg.image_size = DEFAULT_IMAGE_SIZE[cfg.dataset]
+    try:
+        bottleneck_side(cfg.image_size, len(cfg.hidden_dims))
+    except ValueError as error:
+        raise UsageError(f"--image-size: {error}; use a multiple of {2 ** len(cfg.hidden_dims)} "
+                         "or fewer --hidden-dims") from None
+    if cfg.dataset == "folder" and not cfg.data_dir.is_dir():
+        raise UsageError(f"--data-dir {cfg.data_dir} is not a folder; point --data-dir at a folder of images")
+    if cfg.fid_weights is not None:
+        try:
+            torch.load(cfg.fid_weights, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise UsageError(
+                f"--fid-weights {cfg.fid_weights} cannot be read as PyTorch weights ({first_line(error)}); "
+                "pass torch-fidelity's weights-inception-2015-12-05-6726825d.pth or leave the flag out to download it") from None
+    if cfg.cache_dir is None:
+        cfg.cache_dir = cfg.data_dir / "btvae_cache"
+    if cfg.out is None:
+        cfg.out = Path("runs", *(["evaluate"] if cfg.evaluate else []), f"{cfg.dataset}_lam2={cfg.lam2:g}_seed{cfg.seed}")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise UsageError(f"--out {cfg.out} is a file; name a folder (new or holding this run) instead")
+    return cfg
+
+
+def first_line(error):
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def shown(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+# -----------------------------------------------------------------------------
+# Files: model.pt, caches, and writing without leaving half a file
+# -----------------------------------------------------------------------------
+
+def save_atomically(obj, path):
+    """torch.save to a temporary file, then rename: a run stopped mid-write keeps the previous file whole."""
+    temporary = path.with_suffix(".tmp")
+    torch.save(obj, temporary)
+    temporary.replace(path)
+
+
+def load_from_cache(path):
+    """What save_to_cache kept at path, or None if there is nothing (readable) there: it is then made again."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:
+        print(f"note: the cache {path} is unreadable ({first_line(error)}); making it again", flush=True)
+        return None
+
+
+def save_to_cache(value, path):
+    """Caches are a convenience: an unwritable cache folder costs time, never the run."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomically(value, path)
+    except OSError as error:
+        print(f"note: could not cache {path.name} in {path.parent} ({first_line(error)}); "
+              "pass a writable --cache-dir to skip this work next time", flush=True)
+
+
+def write_json(data, path):
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_model(model, cfg, path):
+    """model.pt: weights, the architecture to rebuild them into, and the run's settings."""
+    save_atomically({"architecture": model.architecture, "state_dict": model.state_dict(),
+                     "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}}, path)
+
+
+def read_model_file(path):
+    """The contents of a model.pt (see save_model); anything else is a UsageError."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"architecture", "state_dict", "config"} - set(saved)
+        if missing:
+            raise ValueError(f"no {', '.join(sorted(missing))}")
+        return saved
+    except Exception as error:
+        raise UsageError(f"{path} is not a btvae.py model.pt ({first_line(error)}); "
+                         "pass the model.pt a run wrote") from None
+
+
+def load_model(path, device="cpu"):
+    """Rebuild a trained model from the model.pt a run writes (weights plus architecture)."""
+    saved = read_model_file(path)
+    try:
+        model = ConvVAE(**saved["architecture"])
+        model.load_state_dict(saved["state_dict"])
+    except Exception as error:
+        raise UsageError(f"{path}: its weights do not fit its architecture ({first_line(error)}); "
+                         "pass the model.pt a run wrote") from None
+    return model.to(device).eval()
+
+
+def library_versions():
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__}
+    for name, module in (("torch_fidelity", "torch_fidelity"), ("scikit_learn", "sklearn")):
+        try:
+            versions[name] = __import__(module).__version__
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and --resume
+#
+# A checkpoint after every epoch holds everything the rest of the run depends
+# on, so that a run resumed from it on the CPU ends bit for bit as if it had
+# never stopped: the weights, the Training state (Adam's moments, the early
+# stopping state, the shuffling generator), the history, and the global random
+# generators (the one that draws eps in the reparameterisation).
+# -----------------------------------------------------------------------------
+
+CHECKPOINT = "checkpoint.pt"
+NOT_RESULT_SETTINGS = ("data_dir", "cache_dir", "out", "fid_weights", "device", "resume", "evaluate")  # where, not what
+
+
+class Checkpoint(NamedTuple):
+    """What checkpoint.pt holds: written, checked and read through these fields alone."""
+    settings: dict  # result_settings(cfg): a checkpoint continues only a run with the same ones
+    model: dict
+    optimiser: dict
+    early_stopping: dict
+    history: list
+    shuffle_rng: torch.Tensor
+    torch_rng: torch.Tensor
+    cuda_rng: list
+    finished: bool
+    stopped_early: bool
+
+
+def result_settings(cfg):
+    """The settings a run's result depends on."""
+    return {k: v for k, v in vars(cfg).items() if k not in NOT_RESULT_SETTINGS}
+
+
+def write_checkpoint(path, cfg, model, training, history):
+    checkpoint = Checkpoint(
+        settings=result_settings(cfg), model=model.state_dict(), optimiser=training.optimiser.state_dict(),
+        early_stopping=dict(vars(training.stopper)), history=history, shuffle_rng=training.shuffle.get_state(),
+        torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        finished=training.finished, stopped_early=training.stopped_early)
+    save_atomically(checkpoint._asdict(), path)
+
+
+def read_checkpoint(path, cfg):
+    """The Checkpoint to resume from, refusing missing, unreadable, foreign and different-settings ones."""
+    if not path.is_file():
+        raise UsageError(f"--resume: {path} does not exist, so there is nothing to resume; run without --resume")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [field for field in Checkpoint._fields if field not in saved]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        checkpoint = Checkpoint(**{field: saved[field] for field in Checkpoint._fields})
+    except Exception as error:
+        raise UsageError(f"--resume: {path} is not a readable btvae checkpoint ({first_line(error)}); "
+                         "delete it (and the folder's other files) to start the run over") from None
+    saved_with = saved_settings(checkpoint.settings)
+    differing = [f"{flag(k)} {saved_with.get(k)} (now {v})" for k, v in result_settings(cfg).items()
+                 if saved_with.get(k) != v]
+    if differing:
+        raise UsageError(f"--resume: {path.parent} was run with other settings: {', '.join(differing)}; "
+                         "resume with the same flags, or choose another --out")
+    return checkpoint
+
+
+def resume_training(checkpoint, model, cfg, device):
+    """The model and Training state as the checkpoint left them."""
+    model.load_state_dict(checkpoint.model)
+    training = start_training(model, cfg, device)
+    training.optimiser.load_state_dict(checkpoint.optimiser)
+    vars(training.stopper).update(checkpoint.early_stopping)
+    training.shuffle.set_state(checkpoint.shuffle_rng)
+    torch.set_rng_state(checkpoint.torch_rng)
+    if checkpoint.cuda_rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint.cuda_rng)
+    training.epoch, training.finished = len(checkpoint.history), checkpoint.finished
+    training.stopped_early = checkpoint.stopped_early
+    return training
+
+
+# -----------------------------------------------------------------------------
+# Watching training: progress bars, Ctrl-C and SIGTERM, the training pass's time
+# -----------------------------------------------------------------------------
+
+def progress(iterable, description):
+    """A progress bar on a terminal; logs and CI get the one line per epoch instead."""
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=description, leave=False)
+
+
+class GracefulStop:
+    """While active, the first Ctrl-C or SIGTERM asks training to stop after the current step; a second stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (the last finished epoch is checkpointed); press Ctrl-C again to stop at once",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Watch:
+    """run_epoch's `watch`: shows a progress bar, stops at the next batch once `stop` is requested, and times
+    the training pass (train_seconds, train_images of the last one)."""
+
+    def __init__(self, stop=None):
+        self.stop = stop
+        self.train_seconds, self.train_images = 0.0, 0
+
+    def __call__(self, batches, name):
+        start, seen = time.perf_counter(), 0
+        for index in progress(batches, name):
+            if self.stop is not None and self.stop.requested:
+                raise RunInterrupted()
+            yield index
+            seen += len(index)
+        if name == "train":
+            self.train_seconds, self.train_images = time.perf_counter() - start, seen
+
+
+# -----------------------------------------------------------------------------
+# Speed settings that leave the method unchanged (README 'Speed')
+# -----------------------------------------------------------------------------
 
 def pick_device(name):
     """The device to train on; asking for one that is not there is a usage error, not a crash."""
@@ -1193,8 +1273,8 @@ def pick_device(name):
 
 
 def use_bf16(precision, device):
-    """Mixed precision by default only on GPUs with bfloat16. On a CPU with AVX-512 BF16 it trained
-    MNIST no faster and ended 2% worse in validation loss after 5 epochs (both of 2 seeds; README 'Speed')."""
+    """Mixed precision by default only on GPUs with bfloat16; on a CPU it trained MNIST no faster and ended
+    worse in validation loss (README 'Speed')."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--precision bf16: this GPU has no bfloat16 support; use --precision fp32")
     if precision == "auto":
@@ -1202,19 +1282,27 @@ def use_bf16(precision, device):
     return precision == "bf16"
 
 
+def run_in_bfloat16(model, device):
+    """Mixed precision, set once for a run: the model's encode and decode run under torch.autocast in
+    bfloat16. What they return stays float32 (see ConvVAE), so every loss is computed in float32."""
+    for name in ("encode", "decode"):
+        def autocast(x, network_pass=getattr(model, name)):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return network_pass(x)
+        setattr(model, name, autocast)
+
+
 def keep_freed_memory():
     """Let glibc's malloc reuse freed activations instead of returning them to the operating system.
 
     By default glibc maps every block over 128 KB (up to 32 MB once it adapts)
     fresh from the kernel and unmaps it when freed, so each step's 1-4 MB
-    activations arrive as new pages and page-fault in, one 4 KB page at a time.
-    How often depends on glibc's adaptive threshold, so on the run's history:
-    on the 2-core machine of README 'Speed', ~5,000 faults a step of an MNIST
-    VAE run, which trained 1.28x faster without them. Raising the mapping
-    threshold to its maximum and never trimming the heap keeps those pages in
-    the process (it holds on to its peak memory, which a training run reaches
-    every step anyway).
-    Other C libraries (macOS, Windows, musl) keep their own behaviour.
+    activations arrive as new pages and page-fault in, one 4 KB page at a time
+    (how often depends on glibc's adaptive threshold, so on the run's history).
+    Raising the mapping threshold to its maximum and never trimming the heap
+    keeps those pages in the process (it holds on to its peak memory, which a
+    training run reaches every step anyway). Other C libraries (macOS,
+    Windows, musl) keep their own behaviour.
     """
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
     if platform.system() != "Linux":
@@ -1232,19 +1320,16 @@ def prefers_channels_last(device):
     return device.type in ("cpu", "cuda")
 
 
-def prepare_for_speed(model, splits, cfg, device):
-    """Speed settings that leave the method unchanged (README 'Speed').
-
-    The model in channels_last where that is faster (prefers_channels_last). On
-    a CPU, freed activations stay in the process (keep_freed_memory). On a GPU
-    the uint8 images move there once if they fit, so a batch never crosses the
-    bus.
-    """
+def prepare_for_speed(model, splits, device, bf16):
+    """The model in channels_last where that is faster, and in bfloat16 mixed precision if asked; on a CPU,
+    freed activations stay in the process (keep_freed_memory); on a GPU the uint8 images move there once if
+    they fit, so a batch never crosses the bus. Returns the splits, where they now are."""
     if prefers_channels_last(device):
         model.to(memory_format=torch.channels_last)
+    if bf16:
+        run_in_bfloat16(model, device)
     if device.type == "cpu":
         keep_freed_memory()
-    model.mixed_precision = use_bf16(cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels once
         free_bytes, _ = torch.cuda.mem_get_info(device)
@@ -1253,25 +1338,61 @@ def prepare_for_speed(model, splits, cfg, device):
     return splits
 
 
-def write_json(data, path):
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+# -----------------------------------------------------------------------------
+# A run: training with its records, then every measurement, written to --out
+# -----------------------------------------------------------------------------
+
+def epoch_recorder(cfg, model, history, watch, started, log):
+    """train()'s after_epoch: the history row and log line, the NaN check, and (with cfg.out) history.csv,
+    model.pt whenever the validation loss improved, and the checkpoint, so a run stopped at any point keeps
+    all three."""
+
+    def after_epoch(training, train_terms, val_terms):
+        row = {"epoch": training.epoch,
+               **{f"train_{k}": v for k, v in train_terms.items()},
+               **{f"val_{k}": v for k, v in val_terms.items()},
+               "train_images": watch.train_images, "train_loop_seconds": watch.train_seconds,
+               "images_per_second": watch.train_images / watch.train_seconds,
+               "elapsed_seconds": time.perf_counter() - started}
+        history.append(row)
+        log(f"epoch {training.epoch:3d}/{cfg.epochs} | train loss {train_terms['loss']:.5f} "
+            f"(recon {train_terms['recon']:.5f} kl {train_terms['kl']:.2f} bt {train_terms['bt']:.3f}) | "
+            f"val loss {val_terms['loss']:.5f} (recon {val_terms['recon']:.5f} kl {val_terms['kl']:.2f} "
+            f"bt {val_terms['bt']:.3f}) | {row['images_per_second']:.0f} img/s | {row['elapsed_seconds']:.1f} s")
+        write_csv(history, cfg.out / "history.csv")
+        if not all(math.isfinite(v) for v in (*train_terms.values(), *val_terms.values())):
+            raise TrainingDiverged(
+                f"the loss became NaN or infinite in epoch {training.epoch}; try a smaller --lr or --lam2 "
+                f"(the best weights so far are from epoch {training.stopper.best_epoch})")
+        if training.stopper.best_epoch == training.epoch:
+            save_model(model, cfg, cfg.out / "model.pt")
+        write_checkpoint(cfg.out / CHECKPOINT, cfg, model, training, history)
+        if training.stopped_early:
+            log(f"early stopping: no better validation loss for {cfg.patience} epochs; "
+                f"keeping epoch {training.stopper.best_epoch}")
+    return after_epoch
 
 
-def write_csv(rows, path):
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def library_versions():
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__}
-    for name, module in (("torch_fidelity", "torch_fidelity"), ("scikit_learn", "sklearn")):
-        try:
-            versions[name] = __import__(module).__version__
-        except ImportError:
-            versions[name] = None
-    return versions
+def train_and_record(model, train_split, val_split, cfg, device, checkpoint=None, log=print):
+    """train() with the harness around it: resuming from `checkpoint`, Ctrl-C, the records of every epoch.
+    Returns metrics.json's training summary."""
+    history, training = [], None
+    if checkpoint is not None:
+        history, training = checkpoint.history, resume_training(checkpoint, model, cfg, device)
+        log(f"resuming after epoch {len(history)}" + (" (training had finished)" if training.finished else ""))
+    started = time.perf_counter() - (history[-1]["elapsed_seconds"] if history else 0.0)
+    with GracefulStop() as stop:
+        watch = Watch(stop)
+        training = train(model, train_split.images, val_split.images, cfg, device, training,
+                         epoch_recorder(cfg, model, history, watch, started, log), watch)
+    return {"best_val_loss": training.stopper.best_loss,
+            "best_epoch": training.stopper.best_epoch,
+            "epochs_trained": len(history),
+            "stopped_early": training.stopped_early,
+            "train_seconds": history[-1]["elapsed_seconds"],
+            "images_per_second": sum(row["train_images"] for row in history) / sum(row["train_loop_seconds"]
+                                                                                  for row in history)}
 
 
 def evaluate(model, train_split, test_split, cfg, device):
@@ -1387,26 +1508,32 @@ def run(cfg):
         model = load_model(cfg.evaluate, device)
     else:
         model = ConvVAE(IMAGE_CHANNELS[cfg.dataset], cfg.image_size, cfg.hidden_dims, cfg.latent_dim).to(device)
-    train_split, val_split, test_split = prepare_for_speed(model, (train_split, val_split, test_split), cfg, device)
+    bf16 = use_bf16(cfg.precision, device)
+    train_split, val_split, test_split = prepare_for_speed(model, (train_split, val_split, test_split), device, bf16)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    write_json({**vars(cfg), "device": str(device), "mixed_precision_bf16": model.mixed_precision,
+    write_json({**vars(cfg), "device": str(device), "mixed_precision_bf16": bf16,
                 "versions": library_versions(),
                 "train_images": len(train_split), "val_images": len(val_split), "test_images": len(test_split)},
                cfg.out / "config.json")
     print(f"{cfg.dataset}: {len(train_split)} train / {len(val_split)} validation / {len(test_split)} test images "
           f"of {tuple(train_split.images.shape[1:])}, lam2 = {cfg.lam2:g}, device {device}"
-          f"{' (bf16 mixed precision)' if model.mixed_precision else ''}, "
+          f"{' (bf16 mixed precision)' if bf16 else ''}, "
           f"{'evaluating ' + str(cfg.evaluate) if cfg.evaluate else 'training'}, writing to {cfg.out}", flush=True)
 
     summary = {}
     if cfg.evaluate is None:
-        with GracefulStop() as stop:
-            summary, _ = train(model, train_split.images, val_split.images, cfg, device, cfg.out,
-                               log=lambda line: print(line, flush=True), checkpoint=checkpoint, stop=stop)
+        summary = train_and_record(model, train_split, val_split, cfg, device, checkpoint,
+                                   log=lambda line: print(line, flush=True))
     metrics = {**evaluate(model, train_split, test_split, cfg, device), **summary}
     write_json(metrics, cfg.out / "metrics.json")
     return metrics
+
+
+def out_of_memory(error):
+    """Is this the allocator's failure (CPU, CUDA or MPS), which a smaller model or batch avoids?"""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or any(
+        text in str(error) for text in ("can't allocate memory", "out of memory"))
 
 
 def main(argv=None):
@@ -1429,6 +1556,12 @@ def main(argv=None):
             print(f"btvae.py: interrupted; everything up to the last finished epoch is in {cfg.out}. "
                   f"To continue: {resume}", file=sys.stderr)
         sys.exit(130)
+    except (RuntimeError, MemoryError) as error:
+        if not out_of_memory(error):
+            raise
+        print(f"btvae.py: out of memory ({first_line(error)}); use a smaller --batch-size or --latent-dim "
+              "(or --hidden-dims, --image-size)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
