@@ -68,12 +68,16 @@ run_one() {
   [ -f "$dir/metrics.json" ] && { echo "done already: $name"; return 0; }
   mkdir -p "$dir"; rm -f "$dir/FAILED"
   local extra=(--epochs "$EPOCHS" --data-dir "$DATA_DIR" --cache-dir "$CACHE_DIR" --out "$dir")
-  [ -f "$dir/checkpoint.pt" ] && extra+=(--resume)  # interrupted part-way: continue from its last epoch
+  if [ -f "$dir/checkpoint.pt" ]; then
+    extra+=(--resume)  # interrupted part-way: continue from its last epoch, its log keeping the interrupted part
+  else
+    : > "$dir/log.txt"
+  fi
   [ -n "$SUBSET" ] && extra+=(--subset "$SUBSET")
   [ -n "$FID_WEIGHTS" ] && extra+=(--fid-weights "$FID_WEIGHTS")
   echo "start: $name"
   local start=$SECONDS status=0
-  "$PYTHON" btvae.py "$@" "${extra[@]}" > "$dir/log.txt" 2>&1 || status=$?
+  "$PYTHON" btvae.py "$@" "${extra[@]}" >> "$dir/log.txt" 2>&1 || status=$?
   if [ "$status" = 0 ]; then
     echo "finished: $name ($((SECONDS - start)) s)"
   else

@@ -706,4 +706,6 @@ def test_run_all_end_to_end_resumes_and_carries_on_past_a_failing_run(tmp_path):
     assert sorted(started) == ["start: mnist_lam2=0.025_seed1", "start: mnist_lam2=0_seed0",
                                "start: mnist_lam2=nan_seed0", "start: mnist_lam2=nan_seed1"]
     assert (results / "runs" / "mnist_lam2=0.025_seed1" / "metrics.json").is_file()
-    assert "resuming after epoch 1 (training had finished)" in (results / "runs" / "mnist_lam2=0_seed0" / "log.txt").read_text()
+    resumed_log = (results / "runs" / "mnist_lam2=0_seed0" / "log.txt").read_text()
+    assert "resuming after epoch 1 (training had finished)" in resumed_log
+    assert resumed_log.count("epoch   1/1 |") == 1  # the interrupted attempt's lines are kept
