@@ -483,6 +483,21 @@ def test_evaluate_bad_input_is_one_line_exit_2_and_writes_nothing(damage, tmp_pa
     assert not out.exists() or [p.name for p in out.iterdir()] == ["metrics.json"]
 
 
+# The pretrained models (README, "Pretrained models"): the median-FID seed of the full-budget MNIST sweep.
+PRETRAINED = {"mnist_vae.pt": 0.0}  # file in pretrained/: its lambda2
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_pretrained_model_loads_and_decodes_digit_like_images(name):
+    path = HERE / "pretrained" / name
+    assert btvae.read_model_file(path)["config"]["lam2"] == PRETRAINED[name]
+    model = btvae.load_model(path)
+    assert model.architecture == dict(channels=1, image_size=32, hidden_dims=(16, 32, 64, 128, 256), latent_dim=128)
+    images = btvae.generate(model, 64, torch.Generator().manual_seed(0), torch.device("cpu"))
+    # MNIST's look: a black background with a few bright strokes (an untrained decoder gives a uniform grey).
+    assert 0.05 < images.mean() < 0.2 and 0.04 < (images > 0.5).float().mean() < 0.2
+
+
 # ---------------------------------------------------------------------------
 # Speed settings that leave the method unchanged
 # ---------------------------------------------------------------------------
