@@ -14,6 +14,8 @@ Writes, beside the runs:
                            the posterior mean, and the sorted per-dimension variances with the active-unit threshold
   figure3.png              Figure 3: MNIST test images' posterior means under 2-d VAE and BTVAE, by digit
   early_stopping.md        how much the validation Barlow Twins term decides which epoch early stopping keeps
+  budgets.md               for a full-budget sweep beside a reduced one in quick/ (run_all.sh's QUICK=1 folder):
+                           each setting's means at both budgets, and which differences from the VAE hold at each
   table2_<dataset>/        Table 2's material: the two grids as A and B in a random order, with the paper's
                            question in index.html; the key is table2_<dataset>_key.json, kept apart
 
@@ -137,7 +139,7 @@ def summarise(runs):
     for row in rows:
         vae = next((r for r in rows if r["dataset"] == row["dataset"] and r["lam2"] == 0), None)
         row["versus_vae"] = compare_with_vae(row, vae, "fid", ("better", "worse"))
-        for key, _, _ in SAMPLE_METRICS[1:] + LATENT_METRICS:
+        for key, _, _ in SAMPLE_METRICS + LATENT_METRICS:
             row[f"{key}_versus_vae"] = compare_with_vae(row, vae, key, ("lower", "higher"))
     return rows
 
@@ -445,6 +447,43 @@ def write_table2(runs, rows, dataset, out, budget_note):
     return folder
 
 
+BUDGET_METRICS = [("fid", "FID (prior)", 4), ("fid_gmm", "FID (mixture)", 4), *LATENT_METRICS,
+                  ("epochs", "epochs trained", 1)]
+
+
+def write_budgets(rows, out):
+    """The full budget's Table 1 beside the reduced one that run_all.sh's QUICK=1 wrote into out/quick: what
+    the paper's budget changes, and whether each difference from the VAE holds at both."""
+    quick = out / "quick"
+    if not (quick / "runs").is_dir():
+        return None
+    full_rows = {(r["dataset"], r["lam2"]): r for r in rows}
+    quick_rows = {(r["dataset"], r["lam2"]): r for r in summarise(read_runs(quick / "runs"))}
+    quick_note = (quick / "BUDGET.txt").read_text().strip() if (quick / "BUDGET.txt").is_file() else "quick/"
+    lines = ["# The paper's budget beside the reduced one", "",
+             f"Each cell: the full budget (this folder) / the reduced one (quick/: {quick_note}). Mean ± standard "
+             "deviation over seeds, marked as in table1.md where a BTVAE setting differs from the VAE by more than the "
+             "spread between seeds; - where a budget has no finished run of the setting.", ""]
+    for dataset in dict.fromkeys(dataset for dataset, _ in [*full_rows, *quick_rows]):
+        settings = sorted({lam2 for d, lam2 in [*full_rows, *quick_rows] if d == dataset}, key=lambda l: (l != 0, l))
+        lines += [f"## {dataset}", "",
+                  "| metric | " + " | ".join("VAE" if lam2 == 0 else f"lambda2 = {lam2:g}" for lam2 in settings) + " |",
+                  "| --- |" + " --- |" * len(settings)]
+        for key, title, digits in BUDGET_METRICS:
+            cells = []
+            for lam2 in settings:
+                pair = [budget.get((dataset, lam2)) for budget in (full_rows, quick_rows)]
+                if key == "epochs":
+                    cells.append(" / ".join(number(row and row["epochs_mean"], digits) for row in pair))
+                else:
+                    cells.append(" / ".join(mean_cell(row, key, digits) if row else "-" for row in pair))
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        lines.append("")
+    path = out / "budgets.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def make_report(out):
     out = Path(out)
     budget_file = out / "BUDGET.txt"  # run_all.sh writes it when QUICK=1 (or any reduced budget) was used
@@ -457,6 +496,8 @@ def make_report(out):
         made += [write_figure2(runs, rows, dataset, out, budget_note), write_table2(runs, rows, dataset, out, budget_note),
                  write_latent_figure(runs, rows, dataset, out, budget_note)]
     made += [write_figure3(runs, out, budget_note), write_early_stopping(runs, out, budget_note)]
+    if not budget_note:
+        made.append(write_budgets(rows, out))
     return [path for path in made if path is not None]
 
 

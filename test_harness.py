@@ -626,6 +626,27 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
         assert (tmp_path / figure).is_file()
 
 
+def test_report_sets_the_full_budget_beside_the_reduced_one(tmp_path):
+    quick = tmp_path / "quick"
+    for seed in (0, 1):
+        fabricate_run(tmp_path / "runs", "mnist", 0.0, seed, 1.0 + seed / 10)
+        fabricate_run(quick / "runs", "mnist", 0.0, seed, 2.0 + seed / 10, epochs=3)
+        fabricate_run(quick / "runs", "mnist", 0.25, seed, 5.0 + seed / 10, epochs=3)  # not yet run at full budget
+    (quick / "BUDGET.txt").write_text("REDUCED BUDGET: at most 3 epochs")
+    report.make_report(tmp_path)
+
+    table = (tmp_path / "budgets.md").read_text()
+    assert "(quick/: REDUCED BUDGET: at most 3 epochs)" in table
+    assert "| metric | VAE | lambda2 = 0.25 |" in table
+    assert "| FID (prior) | 1.0500 ± 0.0707 / 2.0500 ± 0.0707 | - / 5.0500 ± 0.0707 **higher** |" in table
+    assert "| epochs trained | 7.0 / 3.0 | - / 3.0 |" in table
+
+    (tmp_path / "budgets.md").unlink()
+    (tmp_path / "BUDGET.txt").write_text("REDUCED BUDGET: at most 5 epochs")  # two reduced budgets: no comparison
+    report.make_report(tmp_path)
+    assert not (tmp_path / "budgets.md").exists()
+
+
 def test_report_measures_correlation_among_the_active_units_alone(tmp_path):
     folder = fabricate_run(tmp_path / "runs", "mnist", 0.0, 0, 1.0, latent_dim=3)
     correlation = torch.tensor([[1.0, 0.5, 0.9], [0.5, 1.0, -0.9], [0.9, -0.9, 1.0]])
