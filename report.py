@@ -14,6 +14,7 @@ Writes, beside the runs:
                            the posterior mean, and the sorted per-dimension variances with the active-unit threshold
   figure3.png              Figure 3: MNIST test images' posterior means under 2-d VAE and BTVAE, by digit
   early_stopping.md        how much the validation Barlow Twins term decides which epoch early stopping keeps
+  cost.md                  what each finished run cost: seconds of training, of each FID and of the mixture's fit
   budgets.md               for a full-budget sweep beside a reduced one in quick/ (run_all.sh's QUICK=1 folder):
                            each setting's means at both budgets, and which differences from the VAE hold at each
   table2_<dataset>/        Table 2's material: the two grids as A and B in a random order, with the paper's
@@ -447,6 +448,38 @@ def write_table2(runs, rows, dataset, out, budget_note):
     return folder
 
 
+# The parts of a run that metrics.json times (training is the sum over epochs, across a resume).
+COST_PARTS = [("train_seconds", "training"), ("latent_seconds", "latent metrics"), ("fid_seconds", "FID (prior)"),
+              ("mixture_fit_seconds", "mixture fit"), ("fid_gmm_seconds", "FID (mixture)")]
+
+
+def write_cost(runs, out, budget_note):
+    """Seconds each finished run spent in each part, as its metrics.json recorded them, and the sweep's total."""
+    finished = [run for run in runs if run["metrics"]]
+    if not finished:
+        return None
+    lines = ["# What the sweep cost", ""]
+    if budget_note:
+        lines += [f"> **{budget_note}.**", ""]
+    lines += ["Seconds each finished run spent in each part, from its metrics.json (the time to start Python and "
+              "load the data is not in it), on whatever machine ran it and with whatever else shared that machine; "
+              "training counts every epoch that finished, across a resume. The Inception features of the test "
+              "images are computed once per cache, inside the first run's FID.", "",
+              "| run | epochs | " + " | ".join(title for _, title in COST_PARTS) + " | total |",
+              "| --- | --- |" + " --- |" * (len(COST_PARTS) + 1)]
+    totals = [0.0] * len(COST_PARTS)
+    for run in sorted(finished, key=lambda r: (r["folder"].name.startswith("figure3_"), setting_order(r), r["seed"])):
+        seconds = [run["metrics"].get(key) or 0.0 for key, _ in COST_PARTS]
+        totals = [total + part for total, part in zip(totals, seconds)]
+        lines.append(f"| {run['folder'].name} | {run['metrics']['epochs_trained']} | "
+                     + " | ".join(f"{part:,.0f}" for part in seconds) + f" | {sum(seconds):,.0f} |")
+    lines.append(f"| all {len(finished)} runs | | " + " | ".join(f"{total:,.0f}" for total in totals)
+                 + f" | {sum(totals):,.0f} ({sum(totals) / 3600:.1f} hours) |")
+    path = out / "cost.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 BUDGET_METRICS = [("fid", "FID (prior)", 4), ("fid_gmm", "FID (mixture)", 4), *LATENT_METRICS,
                   ("epochs", "epochs trained", 1)]
 
@@ -495,7 +528,8 @@ def make_report(out):
     for dataset in dict.fromkeys(row["dataset"] for row in rows):  # in the table's order
         made += [write_figure2(runs, rows, dataset, out, budget_note), write_table2(runs, rows, dataset, out, budget_note),
                  write_latent_figure(runs, rows, dataset, out, budget_note)]
-    made += [write_figure3(runs, out, budget_note), write_early_stopping(runs, out, budget_note)]
+    made += [write_figure3(runs, out, budget_note), write_early_stopping(runs, out, budget_note),
+             write_cost(runs, out, budget_note)]
     if not budget_note:
         made.append(write_budgets(rows, out))
     return [path for path in made if path is not None]
