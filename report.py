@@ -390,14 +390,16 @@ def early_stopping_rows(runs):
     return rows
 
 
+def page_heading(title, budget_note):
+    """A page's title, and the reduced budget its runs were made with, if any."""
+    return [f"# {title}", ""] + ([f"> **{budget_note}.**", ""] if budget_note else [])
+
+
 def write_early_stopping(runs, out, budget_note):
     rows = early_stopping_rows(runs)
     if not rows:
         return None
-    lines = ["# Early stopping and the validation Barlow Twins term", ""]
-    if budget_note:
-        lines += [f"> **{budget_note}.**", ""]
-    lines += ["Early stopping keeps the epoch with the lowest validation loss (recon + lambda1 KL + lambda2 BT). "
+    lines = page_heading("Early stopping and the validation Barlow Twins term", budget_note) + ["Early stopping keeps the epoch with the lowest validation loss (recon + lambda1 KL + lambda2 BT). "
               "Per setting, over its seeds: epochs trained and how many seeds stopped early; the mean best epoch, and "
               "the mean epoch that the ELBO part alone (recon + lambda1 KL) would have picked among the same epochs, "
               "with the number of seeds where the two differ and how much worse the chosen epoch's validation ELBO "
@@ -458,10 +460,7 @@ def write_cost(runs, out, budget_note):
     finished = [run for run in runs if run["metrics"]]
     if not finished:
         return None
-    lines = ["# What the sweep cost", ""]
-    if budget_note:
-        lines += [f"> **{budget_note}.**", ""]
-    lines += ["Seconds each finished run spent in each part, from its metrics.json (the time to start Python and "
+    lines = page_heading("What the sweep cost", budget_note) + ["Seconds each finished run spent in each part, from its metrics.json (the time to start Python and "
               "load the data is not in it), on whatever machine ran it and with whatever else shared that machine; "
               "training counts every epoch that finished, across a resume. The Inception features of the test "
               "images are computed once per cache, inside the first run's FID.", "",
