@@ -468,10 +468,11 @@ def write_cost(runs, out, budget_note):
               "| --- | --- |" + " --- |" * (len(COST_PARTS) + 1)]
     totals = [0.0] * len(COST_PARTS)
     for run in sorted(finished, key=lambda r: (r["folder"].name.startswith("figure3_"), setting_order(r), r["seed"])):
-        seconds = [run["metrics"].get(key) or 0.0 for key, _ in COST_PARTS]
-        totals = [total + part for total, part in zip(totals, seconds)]
+        seconds = [run["metrics"].get(key) for key, _ in COST_PARTS]  # None: not done (a run without FID)
+        totals = [total + (part or 0.0) for total, part in zip(totals, seconds)]
         lines.append(f"| {run['folder'].name} | {run['metrics']['epochs_trained']} | "
-                     + " | ".join(f"{part:,.0f}" for part in seconds) + f" | {sum(seconds):,.0f} |")
+                     + " | ".join("-" if part is None else f"{part:,.0f}" for part in seconds)
+                     + f" | {sum(part or 0.0 for part in seconds):,.0f} |")
     lines.append(f"| all {len(finished)} runs | | " + " | ".join(f"{total:,.0f}" for total in totals)
                  + f" | {sum(totals):,.0f} ({sum(totals) / 3600:.1f} hours) |")
     path = out / "cost.md"
