@@ -484,7 +484,7 @@ def test_evaluate_bad_input_is_one_line_exit_2_and_writes_nothing(damage, tmp_pa
 
 
 # The pretrained models (README, "Pretrained models"): the median-FID seed of the full-budget MNIST sweep.
-PRETRAINED = {"mnist_vae.pt": 0.0}  # file in pretrained/: its lambda2
+PRETRAINED = {"mnist_vae.pt": 0.0, "mnist_btvae_0.025.pt": 0.025}  # file in pretrained/: its lambda2
 
 
 @pytest.mark.parametrize("name", PRETRAINED)
