@@ -116,6 +116,7 @@ SAMPLE_METRICS = [("fid", "FID (prior)", 4), ("fid_gmm", "FID (mixture)", 4), ("
 LATENT_METRICS = [("active_units", "active units", 1), ("latent_correlation", "latent correlation", 3),
                   ("active_correlation", "correlation among active units", 3),
                   ("twin_correlation", "twin correlation", 3), ("probe_accuracy", "probe accuracy", 3)]
+EPOCHS = ("epochs_trained", "epochs trained", 1)  # averaged like the metrics, never compared with the VAE's
 
 
 def summarise(runs):
@@ -130,18 +131,17 @@ def summarise(runs):
         finished = [r["metrics"] for r in group if r["metrics"] is not None]
         row = {"dataset": dataset, "lam2": lam2, "model": "VAE" if lam2 == 0 else "BTVAE",
                "seeds": ",".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]) if r["metrics"]),
-               "epochs_mean": mean_and_spread([m["epochs_trained"] for m in finished])[0],
                "pixel_probe_accuracy": mean_and_spread([m.get("pixel_probe_accuracy") for m in finished])[0],
                "paper_fid": PAPER_TABLE1.get(lam2, {}).get(dataset),
                "failed": "; ".join(f"seed {r['seed']}: {r['failure']}" for r in group if r["failure"])}
-        for key, _, _ in SAMPLE_METRICS + LATENT_METRICS:
+        for key, _, _ in SAMPLE_METRICS + LATENT_METRICS + [EPOCHS]:
             row[f"{key}_mean"], row[f"{key}_std"] = mean_and_spread([m.get(key) for m in finished])
         rows.append(row)
     for row in rows:
         vae = next((r for r in rows if r["dataset"] == row["dataset"] and r["lam2"] == 0), None)
-        row["versus_vae"] = compare_with_vae(row, vae, "fid", ("better", "worse"))
         for key, _, _ in SAMPLE_METRICS + LATENT_METRICS:
-            row[f"{key}_versus_vae"] = compare_with_vae(row, vae, key, ("lower", "higher"))
+            words = ("better", "worse") if key == "fid" else ("lower", "higher")
+            row[f"{key}_versus_vae"] = compare_with_vae(row, vae, key, words)
     return rows
 
 
@@ -176,7 +176,7 @@ def mean_cell(row, key, digits):
 def write_table1(rows, out, budget_note):
     keys = [key for key, _, _ in SAMPLE_METRICS + LATENT_METRICS]
     columns = ["dataset", "model", "lam2", "seeds", *(f"{key}_{part}" for key in keys for part in ("mean", "std")),
-               "versus_vae", *(f"{key}_versus_vae" for key in keys[1:]), "pixel_probe_accuracy", "epochs_mean",
+               *(f"{key}_versus_vae" for key in keys), "pixel_probe_accuracy", "epochs_trained_mean",
                "paper_fid", "failed", "budget"]
     with open(out / "table1.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns)
@@ -205,8 +205,8 @@ def write_table1(rows, out, budget_note):
             fid = "no FID" if row["seeds"] else "failed"
         lines.append(f"| {row['dataset']} | {row['model']} | {row['lam2']:g} | {row['seeds'] or '-'} | {fid} "
                      f"| {mean_cell(row, 'fid_gmm', 4)} | {number(row['precision_mean'], 3)} "
-                     f"| {number(row['recall_mean'], 3)} | {number(row['epochs_mean'], 1)} "
-                     f"| {number(row['paper_fid'])} | {row['versus_vae']} |")
+                     f"| {number(row['recall_mean'], 3)} | {number(row['epochs_trained_mean'], 1)} "
+                     f"| {number(row['paper_fid'])} | {row['fid_versus_vae']} |")
     lines += ["", "## Latent space", "",
               "On the test split, model in evaluation mode: active units (dimensions whose posterior mean varies with "
               "variance above 0.01), latent correlation (mean |correlation| between different dimensions of the "
@@ -399,7 +399,8 @@ def write_early_stopping(runs, out, budget_note):
     rows = early_stopping_rows(runs)
     if not rows:
         return None
-    lines = page_heading("Early stopping and the validation Barlow Twins term", budget_note) + ["Early stopping keeps the epoch with the lowest validation loss (recon + lambda1 KL + lambda2 BT). "
+    lines = page_heading("Early stopping and the validation Barlow Twins term", budget_note)
+    lines += ["Early stopping keeps the epoch with the lowest validation loss (recon + lambda1 KL + lambda2 BT). "
               "Per setting, over its seeds: epochs trained and how many seeds stopped early; the mean best epoch, and "
               "the mean epoch that the ELBO part alone (recon + lambda1 KL) would have picked among the same epochs, "
               "with the number of seeds where the two differ and how much worse the chosen epoch's validation ELBO "
@@ -460,7 +461,8 @@ def write_cost(runs, out, budget_note):
     finished = [run for run in runs if run["metrics"]]
     if not finished:
         return None
-    lines = page_heading("What the sweep cost", budget_note) + ["Seconds each finished run spent in each part, from its metrics.json (the time to start Python and "
+    lines = page_heading("What the sweep cost", budget_note)
+    lines += ["Seconds each finished run spent in each part, from its metrics.json (the time to start Python and "
               "load the data is not in it), on whatever machine ran it and with whatever else shared that machine; "
               "training counts every epoch that finished, across a resume. The Inception features of the test "
               "images are computed once per cache, inside the first run's FID.", "",
@@ -480,8 +482,7 @@ def write_cost(runs, out, budget_note):
     return path
 
 
-BUDGET_METRICS = [("fid", "FID (prior)", 4), ("fid_gmm", "FID (mixture)", 4), *LATENT_METRICS,
-                  ("epochs", "epochs trained", 1)]
+BUDGET_METRICS = [("fid", "FID (prior)", 4), ("fid_gmm", "FID (mixture)", 4), *LATENT_METRICS, EPOCHS]
 
 
 def write_budgets(rows, out):
@@ -503,13 +504,8 @@ def write_budgets(rows, out):
                   "| metric | " + " | ".join("VAE" if lam2 == 0 else f"lambda2 = {lam2:g}" for lam2 in settings) + " |",
                   "| --- |" + " --- |" * len(settings)]
         for key, title, digits in BUDGET_METRICS:
-            cells = []
-            for lam2 in settings:
-                pair = [budget.get((dataset, lam2)) for budget in (full_rows, quick_rows)]
-                if key == "epochs":
-                    cells.append(" / ".join(number(row and row["epochs_mean"], digits) for row in pair))
-                else:
-                    cells.append(" / ".join(mean_cell(row, key, digits) if row else "-" for row in pair))
+            cells = (" / ".join(mean_cell(budget[dataset, lam2], key, digits) if (dataset, lam2) in budget else "-"
+                                for budget in (full_rows, quick_rows)) for lam2 in settings)
             lines.append(f"| {title} | " + " | ".join(cells) + " |")
         lines.append("")
     path = out / "budgets.md"

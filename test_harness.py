@@ -604,8 +604,8 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     rows = {float(r["lam2"]): r for r in csv.DictReader(open(tmp_path / "table1.csv"))}
     assert float(rows[0.0]["fid_mean"]) == pytest.approx(1.0) and float(rows[0.0]["fid_std"]) == pytest.approx(0.1)
     assert float(rows[0.0]["paper_fid"]) == 0.0187 and rows[0.0]["seeds"] == "0,1,2"
-    assert rows[0.025]["versus_vae"] == "better than VAE beyond the seed spread"
-    assert rows[0.25]["versus_vae"] == "within the seed spread of VAE"
+    assert rows[0.025]["fid_versus_vae"] == "better than VAE beyond the seed spread"
+    assert rows[0.25]["fid_versus_vae"] == "within the seed spread of VAE"
     assert "NaN" in rows[-0.00025]["failed"] and "interrupted" in rows[-0.00025]["failed"]
     assert float(rows[0.025]["precision_mean"]) == pytest.approx(0.51)
     assert float(rows[0.025]["fid_gmm_mean"]) == pytest.approx(0.25)
@@ -638,8 +638,8 @@ def test_report_sets_the_full_budget_beside_the_reduced_one(tmp_path):
     table = (tmp_path / "budgets.md").read_text()
     assert "(quick/: REDUCED BUDGET: at most 3 epochs)" in table
     assert "| metric | VAE | lambda2 = 0.25 |" in table
-    assert "| FID (prior) | 1.0500 ± 0.0707 / 2.0500 ± 0.0707 | - / 5.0500 ± 0.0707 **higher** |" in table
-    assert "| epochs trained | 7.0 / 3.0 | - / 3.0 |" in table
+    assert "| FID (prior) | 1.0500 ± 0.0707 / 2.0500 ± 0.0707 | - / 5.0500 ± 0.0707 **worse** |" in table
+    assert "| epochs trained | 7.0 ± 0.0 / 3.0 ± 0.0 | - / 3.0 ± 0.0 |" in table
 
     (tmp_path / "budgets.md").unlink()
     (tmp_path / "BUDGET.txt").write_text("REDUCED BUDGET: at most 5 epochs")  # two reduced budgets: no comparison
