@@ -613,13 +613,17 @@ def load_data(cfg):
 #
 # Beyond the paper: FID mixes two failures, unrealistic samples and missing
 # variety. The paper's claim is about variety ("more diverse" samples), so
-# runs also report precision (the share of samples that fall within the real
-# images' feature manifold) and recall (the share of real images that fall
-# within the samples' manifold) of Kynkaanniemi et al. (2019), with 3 nearest
-# neighbours in the same 64-d Inception features.
+# --fid-2048 also measures, in the same pass, the 2048-d pool layer that every
+# other FID paper uses: FID-2048, and precision (the share of samples that fall
+# within the real images' feature manifold) and recall (the share of real
+# images that fall within the samples' manifold) of Kynkaanniemi et al. (2019),
+# with 3 nearest neighbours. In the 64-d layer they are ~0 for every model
+# (its features hardly tell one blurry digit from another), so they are
+# measured in the 2048-d layer only.
 # =============================================================================
 
-FID_FEATURE_SIZES = (64, 192, 768, 2048)  # the Inception-v3 layers torch-fidelity offers
+FID_FEATURE = 64  # the paper's layer (Sec. 3.3)
+STANDARD_FID_FEATURE = 2048  # the pool layer of every other FID paper, where precision and recall are measured
 FID_BATCH = 50  # images resized to 299 x 299 per batch (~280 MB of activations); ran faster than 100 or 200
 PRECISION_RECALL_NEIGHBOURS = 3  # Kynkaanniemi et al.'s k
 DISTANCE_ROWS = 1000  # rows of a distance matrix held at once: 1,000 x 10,000 floats is 40 MB
@@ -631,15 +635,15 @@ def to_fid_input(images):
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-def make_fid_network(feature, weights_path=None):
-    """The FID Inception-v3 (torch-fidelity's), giving the `feature`-dimensional layer.
+def make_fid_network(features, weights_path=None):
+    """The FID Inception-v3 (torch-fidelity's), giving each layer in `features` (sizes: 64, 2048) from one pass.
 
     Raises FIDUnavailable when its weights cannot be loaded or downloaded, so
     that a finished run still ends well, with FID null.
     """
     try:
         from torch_fidelity import FeatureExtractorInceptionV3
-        return FeatureExtractorInceptionV3("inception-v3-compat", [str(feature)],
+        return FeatureExtractorInceptionV3("inception-v3-compat", [str(size) for size in features],
                                            feature_extractor_weights_path=None if weights_path is None else str(weights_path))
     except Exception as error:
         raise FIDUnavailable(f"{first_line(error)}; pass --fid-weights with a local copy of the Inception weights") from None
@@ -647,12 +651,13 @@ def make_fid_network(feature, weights_path=None):
 
 @torch.inference_mode()
 def inception_features(network, make_batch, count, device, description="FID"):
-    """Features of `count` images, FID_BATCH at a time; make_batch(n) gives the next n ([0, 1] floats or uint8)."""
-    features = []
+    """Features of `count` images, FID_BATCH at a time, one tensor per layer the network gives (a list);
+    make_batch(n) gives the next n images ([0, 1] floats or uint8)."""
+    per_batch = []
     for start in progress(range(0, count, FID_BATCH), description):
         images = to_fid_input(make_batch(min(FID_BATCH, count - start)).to(device))
-        features.append(network(images)[0].float().cpu())  # torch-fidelity returns one tensor per layer asked for
-    return torch.cat(features)
+        per_batch.append([layer.float().cpu() for layer in network(images)])  # one tensor per layer asked for
+    return [torch.cat(layer) for layer in zip(*per_batch)]
 
 
 def frechet_distance(real, fake):
@@ -946,8 +951,10 @@ def build_parser():
                    help="train on the first N training images only, for quick runs")
     p.add_argument("--fid-samples", type=fid_sample_count, default=10000,
                    help="generated (and test) images for FID (Sec. 3.1); 0 skips FID")
-    p.add_argument("--fid-feature", type=int, choices=FID_FEATURE_SIZES, default=64,
-                   help="Inception-v3 feature layer for FID (Sec. 3.3 uses 64)")
+    p.add_argument("--fid-2048", action="store_true",
+                   help="also measure FID, precision and recall in Inception's 2048-d pool layer, from the same pass as "
+                        "the paper's FID-64 (which runs only the network's first layers: FID takes ~2.7x as long); "
+                        "run_all.sh sets it")
     p.add_argument("--fid-weights", type=Path, default=None,
                    help="local FID Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth); default downloads them")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
@@ -1406,7 +1413,7 @@ def evaluate(model, train_split, test_split, cfg, device):
     save_image(torch.cat([originals, reconstruct(model, originals)]), cfg.out / "reconstructions.png", nrow=16)
     fid = fid_measurer(test_split, cfg, device)
     metrics = {**fid(lambda n: generate(model, n, sampler, device), ""),
-               "fid_samples": cfg.fid_samples, "fid_feature": cfg.fid_feature}
+               "fid_samples": cfg.fid_samples}
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)  # the twins' z is sampled: the same draws after training and with --evaluate
@@ -1429,31 +1436,35 @@ def evaluate(model, train_split, test_split, cfg, device):
 
 
 def fid_measurer(test_split, cfg, device):
-    """A function from a sampler (make_fake_batch) to its FID, precision and recall against the test split,
-    named with a suffix; all None when FID is skipped (--fid-samples 0) or its network cannot be loaded.
+    """A function from a sampler (make_fake_batch) to its FID-64 and, with --fid-2048, its FID, precision and
+    recall in the 2048-d layer, against the test split, named with a suffix; all None when FID is skipped
+    (--fid-samples 0) or its network cannot be loaded, the 2048-d ones None without --fid-2048.
 
     The test images' features are computed on first use and kept in
     --cache-dir: every run of a sweep compares against the same test images,
     so they go through the network once.
     """
     count = min(cfg.fid_samples, len(test_split))
+    layers = (FID_FEATURE, STANDARD_FID_FEATURE) if cfg.fid_2048 else (FID_FEATURE,)
     network, real = None, None
     if cfg.fid_samples:
         if count < cfg.fid_samples:
             print(f"note: the test split has only {count} images, so FID uses {count} samples", flush=True)
         try:
-            network = make_fid_network(cfg.fid_feature, cfg.fid_weights).to(device)
+            network = make_fid_network(layers, cfg.fid_weights).to(device)
         except FIDUnavailable as error:
             print(f"FID skipped, recorded as null: the Inception network could not be loaded ({error})", flush=True)
     if network is not None and prefers_channels_last(device):  # doubles the convolutions' speed; same features to ~1e-8
         network.to(memory_format=torch.channels_last)
     weights_tag = "default" if cfg.fid_weights is None else cfg.fid_weights.stem
-    cache = cfg.cache_dir / (f"inception_real_{cfg.dataset}_{cfg.image_size}px_n{count}_f{cfg.fid_feature}_"
-                             f"{weights_tag}_torch-fidelity{library_versions()['torch_fidelity']}.pt")
+    cache = cfg.cache_dir / (f"inception_real_{cfg.dataset}_{cfg.image_size}px_n{count}_"
+                             f"layers{'+'.join(map(str, layers))}_{weights_tag}_"
+                             f"torch-fidelity{library_versions()['torch_fidelity']}.pt")
 
     def measure(make_fake_batch, suffix):
         nonlocal real
-        names = [f"fid{suffix}", f"precision{suffix}", f"recall{suffix}", f"fid{suffix}_seconds"]
+        names = [f"fid{suffix}", f"fid_2048{suffix}", f"precision_2048{suffix}", f"recall_2048{suffix}",
+                 f"fid{suffix}_seconds"]
         if network is None:
             return dict.fromkeys(names)
         start = time.perf_counter()
@@ -1464,11 +1475,19 @@ def fid_measurer(test_split, cfg, device):
             real = inception_features(network, lambda n: next(test_batches), count, device, "FID, test images")
             save_to_cache(real, cache)
         fake = inception_features(network, make_fake_batch, count, device, "FID, samples")
-        quality = (frechet_distance(real, fake), *precision_recall(real, fake))
-        seconds = time.perf_counter() - start
-        print(f"FID-{cfg.fid_feature}{' of the mixture sampler' if suffix else ''} over {count} samples: "
-              f"{quality[0]:.4f}, precision {quality[1]:.3f}, recall {quality[2]:.3f} ({seconds:.0f} s)", flush=True)
-        return dict(zip(names, (*quality, seconds)))
+        measured = {f"fid{suffix}": frechet_distance(real[0], fake[0])}
+        sampler = " of the mixture sampler" if suffix else ""
+        shown_2048 = ""
+        if cfg.fid_2048:
+            precision, recall = precision_recall(real[1], fake[1])
+            measured.update({f"fid_2048{suffix}": frechet_distance(real[1], fake[1]),
+                             f"precision_2048{suffix}": precision, f"recall_2048{suffix}": recall})
+            shown_2048 = (f"; in 2048-d features FID {measured[f'fid_2048{suffix}']:.2f}, precision {precision:.3f}, "
+                          f"recall {recall:.3f}")
+        measured[f"fid{suffix}_seconds"] = time.perf_counter() - start
+        print(f"FID-64{sampler} over {count} samples: {measured[f'fid{suffix}']:.4f}{shown_2048} "
+              f"({measured[f'fid{suffix}_seconds']:.0f} s)", flush=True)
+        return {name: measured.get(name) for name in names}
     return measure
 
 

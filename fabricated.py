@@ -101,18 +101,27 @@ def small_model_and_batch(channels=1):
 
 
 class StandInFeatures(torch.nn.Module):
-    """Per-channel mean and standard deviation of uint8 RGB images: a cheap stand-in for torch-fidelity's
-    Inception, with its interface (uint8 in, a tuple with one feature tensor per requested layer out)."""
+    """A cheap stand-in for torch-fidelity's Inception, with its interface: uint8 RGB images in, a tuple with
+    one feature tensor per requested layer out. Its first layer gives each channel's mean and standard
+    deviation (6 features); a second layer (the 2048-d one) gives other numbers: the mean and standard
+    deviation of each channel's top and bottom halves (12), so a test can tell which layer a measure used."""
     num_features = 6
+
+    def __init__(self, layers=1):
+        super().__init__()
+        self.layers = layers
 
     def forward(self, images):
         assert images.dtype == torch.uint8 and images.shape[1] == 3
         x = images.float().flatten(2)
-        return (torch.cat([x.mean(-1), x.std(-1)], dim=1),)
+        top, bottom = x.chunk(2, dim=-1)
+        first = torch.cat([x.mean(-1), x.std(-1)], dim=1)
+        second = torch.cat([top.mean(-1), top.std(-1), bottom.mean(-1), bottom.std(-1)], dim=1)
+        return (first, second)[:self.layers]
 
 
-def stand_in_network(feature=64, weights=None):
-    return StandInFeatures()
+def stand_in_network(features=(64,), weights=None):
+    return StandInFeatures(len(features))
 
 
 def replay(images, shift=0.0):

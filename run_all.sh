@@ -8,7 +8,8 @@
 #   REPORT_ONLY=1 ./run_all.sh            # remake the tables and figures from finished runs, no training
 #
 # Knobs (environment variables, paper settings by default): DATASETS, SEEDS, LAMBDAS, EPOCHS, FID_SAMPLES,
-# FID_WEIGHTS, SUBSET, DATA_DIR, CACHE_DIR, OUT, JOBS, QUICK, PYTHON. A run whose metrics.json exists is
+# FID_2048, FID_WEIGHTS, SUBSET, DATA_DIR, CACHE_DIR, OUT, JOBS, QUICK, PYTHON. FID_2048=1 (the default) adds
+# btvae.py's --fid-2048: FID, precision and recall in the 2048-d Inception features, for the diversity question. A run whose metrics.json exists is
 # skipped and one interrupted part-way is resumed from its last checkpoint, so an interrupted sweep continues
 # where it stopped; a failed run leaves FAILED (with the reason) in its folder, the sweep goes on, and the
 # table shows it as failed. Delete a run's folder to redo it.
@@ -25,6 +26,7 @@ LAMBDAS=${LAMBDAS:-"0 0.00025 0.0025 0.025 0.25 -0.00025"}
 FIGURE3_LAMBDA=${FIGURE3_LAMBDA:-0.025}  # the BTVAE of Figure 3: the paper's "best value in most cases"
 EPOCHS=${EPOCHS:-50}
 FID_SAMPLES=${FID_SAMPLES:-10000}
+FID_2048=${FID_2048:-1}
 FID_WEIGHTS=${FID_WEIGHTS:-}
 SUBSET=${SUBSET:-}
 DATA_DIR=${DATA_DIR:-data}
@@ -75,6 +77,7 @@ run_one() {
   fi
   [ -n "$SUBSET" ] && extra+=(--subset "$SUBSET")
   [ -n "$FID_WEIGHTS" ] && extra+=(--fid-weights "$FID_WEIGHTS")
+  [ "$FID_2048" = 1 ] && extra+=(--fid-2048)
   echo "start: $name"
   local start=$SECONDS status=0
   "$PYTHON" btvae.py "$@" "${extra[@]}" >> "$dir/log.txt" 2>&1 || status=$?
@@ -89,7 +92,7 @@ run_one() {
 if [ "${REPORT_ONLY:-0}" != 1 ]; then
   # Runs are independent: JOBS of them at a time share the cores (each gets cores / JOBS threads).
   threads=$(( $(nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
-  export OUT EPOCHS DATA_DIR CACHE_DIR SUBSET FID_WEIGHTS PYTHON OMP_NUM_THREADS=$threads
+  export OUT EPOCHS DATA_DIR CACHE_DIR SUBSET FID_WEIGHTS FID_2048 PYTHON OMP_NUM_THREADS=$threads
   export -f run_one
   started=$SECONDS
   plan | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _

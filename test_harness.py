@@ -34,9 +34,10 @@ MEASURED_OUTPUTS = {"config.json", "metrics.json", "samples.png", "samples_gmm.p
 EXPECTED_OUTPUTS = MEASURED_OUTPUTS | {"history.csv", "model.pt", "checkpoint.pt"}
 
 
-MEASUREMENTS = {"fid", "precision", "recall", "fid_seconds", "fid_samples", "fid_feature", "active_units",
+MEASUREMENTS = {"fid", "fid_2048", "precision_2048", "recall_2048", "fid_seconds", "fid_samples", "active_units",
                 "latent_correlation", "twin_correlation", "probe_accuracy", "pixel_probe_accuracy", "latent_seconds",
-                "mixture_fit_seconds", "fid_gmm", "precision_gmm", "recall_gmm", "fid_gmm_seconds"}
+                "mixture_fit_seconds", "fid_gmm", "fid_2048_gmm", "precision_2048_gmm", "recall_2048_gmm",
+                "fid_gmm_seconds"}
 
 
 TRAINING_SUMMARY = {"best_val_loss", "best_epoch", "epochs_trained", "stopped_early", "train_seconds",
@@ -71,14 +72,15 @@ def test_run_with_fid_and_a_reloadable_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(btvae, "make_fid_network", stand_in_network)
     out = tmp_path / "run"
     btvae.main(["--data-dir", str(tmp_path), "--lam2", "0", "--epochs", "2", "--fid-samples", "40", "--out", str(out),
-                "--precision", "bf16"])
+                "--precision", "bf16", "--fid-2048"])
     assert json.loads((out / "config.json").read_text())["mixed_precision_bf16"] is True
     metrics = json.loads((out / "metrics.json").read_text())
     assert EXPECTED_METRICS == set(metrics)
     assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0 and metrics["fid_seconds"] >= 0
-    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert math.isfinite(metrics["fid_2048_gmm"]) and metrics["fid_2048_gmm"] != metrics["fid_gmm"]
+    assert all(0 <= metrics[f"{name}_2048{sampler}"] <= 1 for name in ("precision", "recall") for sampler in ("", "_gmm"))
     assert "FID-64 over 40 samples" in capsys.readouterr().out
-    assert any((tmp_path / "btvae_cache").glob("inception_real_mnist_32px_n40_f64_*.pt"))
+    assert any((tmp_path / "btvae_cache").glob("inception_real_mnist_32px_n40_layers64+2048_*.pt"))
     history = [line.split(",") for line in (out / "history.csv").read_text().splitlines()]
     val_losses = [float(row[history[0].index("val_loss")]) for row in history[1:]]
     assert metrics["best_epoch"] == 1 + val_losses.index(min(val_losses))
@@ -89,7 +91,7 @@ def test_run_with_fid_and_a_reloadable_model(tmp_path, monkeypatch, capsys):
 def test_run_finishes_with_fid_null_when_the_fid_network_is_unavailable(tmp_path, monkeypatch, capsys):
     make_mnist(tmp_path)
 
-    def unavailable(feature, weights):
+    def unavailable(features, weights):
         raise btvae.FIDUnavailable("no network; pass --fid-weights with a local copy")
     monkeypatch.setattr(btvae, "make_fid_network", unavailable)
     btvae.main(["--data-dir", str(tmp_path), "--epochs", "1", "--fid-samples", "20", "--out", str(tmp_path / "run")])
@@ -748,6 +750,8 @@ def test_run_all_end_to_end_resumes_and_carries_on_past_a_failing_run(tmp_path):
     assert "| mnist | VAE | 0 | 0,1 |" in table and "argument --lam2: must be a finite number" in table
     assert "REDUCED BUDGET" in table  # 1 epoch and no FID is not the paper's budget
     assert (results / "figure3.png").is_file()
+    settings = json.loads((results / "runs" / "mnist_lam2=0_seed1" / "config.json").read_text())
+    assert settings["fid_2048"] is True  # FID_2048=1, the default: the sweep measures the 2048-d layer too
 
     shutil.rmtree(results / "runs" / "mnist_lam2=0.025_seed1")  # never run
     (results / "runs" / "mnist_lam2=0_seed0" / "metrics.json").unlink()  # interrupted after its last epoch

@@ -140,15 +140,17 @@ def test_fid_input_conversion_clamps_rounds_and_repeats_grayscale():
     assert torch.equal(btvae.to_fid_input(rgb), rgb)
 
 
-def features_of(images, shift=0.0):
-    return btvae.inception_features(StandInFeatures(), replay(images, shift), len(images), torch.device("cpu"))
+def features_of(images, shift=0.0, layer=0):
+    network = StandInFeatures(layer + 1)
+    return btvae.inception_features(network, replay(images, shift), len(images), torch.device("cpu"))[layer]
 
 
-def test_inception_features_go_through_in_batches_of_converted_images():
+def test_inception_features_go_through_in_batches_of_converted_images_one_tensor_per_layer():
     images = torch.from_numpy(blob_images(120, 1, 16, 16, seed=53))  # grayscale: repeated to RGB on the way
-    features = features_of(images)
-    expected = StandInFeatures()(btvae.to_fid_input(images))[0]
-    assert features.shape == (120, 6) and torch.allclose(features, expected)
+    features = btvae.inception_features(StandInFeatures(2), replay(images), len(images), torch.device("cpu"))
+    expected = StandInFeatures(2)(btvae.to_fid_input(images))
+    assert [f.shape for f in features] == [(120, 6), (120, 12)]
+    assert all(torch.allclose(ours, theirs) for ours, theirs in zip(features, expected))
 
 
 def test_frechet_distance_matches_torchmetrics():
@@ -221,18 +223,45 @@ def test_precision_and_recall_tell_unrealistic_from_undiverse():
 def test_fid_measurer_caches_the_test_features_and_reuses_them(tmp_path, monkeypatch):
     monkeypatch.setattr(btvae, "make_fid_network", stand_in_network)
     test = btvae.Split(torch.from_numpy(blob_images(100, 1, 16, 16, seed=51)))
-    cfg = config("--cache-dir", tmp_path / "cache", "--fid-samples", 100, "--image-size", 32)
+    cfg = config("--cache-dir", tmp_path / "cache", "--fid-samples", 100, "--image-size", 32, "--fid-2048")
     fake = lambda n: torch.rand(n, 1, 16, 16)  # noqa: E731
     torch.manual_seed(0)
     first = btvae.fid_measurer(test, cfg, torch.device("cpu"))(fake, "_x")
-    assert set(first) == {"fid_x", "precision_x", "recall_x", "fid_x_seconds"} and first["fid_x"] > 0
-    cached = list((tmp_path / "cache").glob("inception_real_mnist_32px_n100_f64_default_*.pt"))
-    assert len(cached) == 1 and torch.load(cached[0]).shape == (100, StandInFeatures.num_features)
+    assert set(first) == {"fid_x", "fid_2048_x", "precision_2048_x", "recall_2048_x", "fid_x_seconds"}
+    cached = list((tmp_path / "cache").glob("inception_real_mnist_32px_n100_layers64+2048_default_*.pt"))
+    assert len(cached) == 1 and [f.shape for f in torch.load(cached[0])] == [(100, 6), (100, 12)]
     torch.manual_seed(0)  # the same fake images; garbage test images, which a cache hit never looks at
     garbage = btvae.Split(torch.zeros_like(test.images))
     second = btvae.fid_measurer(garbage, cfg, torch.device("cpu"))(fake, "_x")
     assert {k: v for k, v in second.items() if k != "fid_x_seconds"} == \
         {k: v for k, v in first.items() if k != "fid_x_seconds"}
+
+
+def test_fid_measurer_measures_fid_64_in_the_first_layer_and_the_rest_in_the_2048_d_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(btvae, "make_fid_network", stand_in_network)
+    real = torch.from_numpy(blob_images(120, 3, 16, 16, seed=56))
+    fake = (torch.from_numpy(blob_images(120, 3, 16, 16, seed=57)).int() * 3 // 4).to(torch.uint8)  # a little dimmer
+    cfg = config("--cache-dir", tmp_path, "--fid-samples", 120, "--image-size", 32, "--fid-2048")
+    measured = btvae.fid_measurer(btvae.Split(real), cfg, torch.device("cpu"))(replay(fake), "")
+    assert measured["fid"] == btvae.frechet_distance(features_of(real), features_of(fake))
+    assert measured["fid_2048"] == btvae.frechet_distance(features_of(real, layer=1), features_of(fake, layer=1))
+    precision, recall = btvae.precision_recall(features_of(real, layer=1), features_of(fake, layer=1))
+    assert (measured["precision_2048"], measured["recall_2048"]) == (precision, recall)
+    assert 0 < recall < precision < 1  # a case that tells the two apart, and this layer's answer from the first one's
+    assert btvae.precision_recall(features_of(real), features_of(fake)) != (precision, recall)
+
+
+def test_fid_measurer_without_fid_2048_asks_for_the_64_d_layer_alone(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(btvae, "make_fid_network", lambda features, weights: asked.append(features) or StandInFeatures(1))
+    real = torch.from_numpy(blob_images(60, 3, 16, 16, seed=58))
+    cfg = config("--cache-dir", tmp_path, "--fid-samples", 60, "--image-size", 32)
+    measured = btvae.fid_measurer(btvae.Split(real), cfg, torch.device("cpu"))(replay(real // 2), "_gmm")
+    assert asked == [(64,)] and measured["fid_gmm"] > 0
+    assert measured["fid_2048_gmm"] is measured["precision_2048_gmm"] is measured["recall_2048_gmm"] is None
+    cfg.fid_2048 = True
+    btvae.fid_measurer(btvae.Split(real), cfg, torch.device("cpu"))
+    assert asked[1] == (64, 2048)
 
 
 def test_fid_without_reachable_weights_is_unavailable_not_a_crash(tmp_path, monkeypatch):
@@ -243,7 +272,7 @@ def test_fid_without_reachable_weights_is_unavailable_not_a_crash(tmp_path, monk
     monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(btvae.FIDUnavailable, match="--fid-weights"):
-        btvae.make_fid_network(64)
+        btvae.make_fid_network((64,))
 
 
 # ---------------------------------------------------------------------------
