@@ -5,9 +5,13 @@ Latent Space in Variational Autoencoders".
 
 The idea in one picture (the paper's Figure 1):
 
-    x_gt --encoder--> z_gt --decoder--> x_recon --encoder--> z_recon
-                       |                                      |
-                       +---------- Barlow Twins loss ---------+
+    x_gt --encoder--> (mu, sigma) --sample z--> decoder --> x_recon --encoder--> (mu_recon, sigma_recon)
+                          |                                                          |
+                          +--------------- Barlow Twins loss: BT(z_gt, z_recon) -----+
+
+The paper's twins z_gt and z_recon are the two embeddings; by default (--bt-on
+mu) they are the posterior means mu and mu_recon, while the decoder gets a
+sampled z, as any VAE's does (Section 3 says why, and what else --bt-on takes).
 
 An image and its own reconstruction should carry the same features, so BTVAE
 treats them as two "distorted views" of one sample, as Barlow Twins
@@ -74,7 +78,9 @@ from torchvision.utils import save_image
 #
 # Decoder: the mirror image, a linear layer back to the smallest feature map and
 # ConvTranspose2d blocks that each double it, then a 3x3 conv to the image's
-# channels. Its Sigmoid output matches the data's [0, 1] range, so the MSE of
+# channels. The linear layer has no activation after it, as the paper's
+# u^0 = V^fc z + b^fc (Sec. 2.1.1) has none; the blocks use LeakyReLU where
+# the paper writes ReLU, as the encoder and the authors' code do. Its Sigmoid output matches the data's [0, 1] range, so the MSE of
 # Eq. 2 compares like with like (the authors' code put a Tanh, range [-1, 1], on
 # data in [0, 1]).
 # =============================================================================
@@ -157,6 +163,9 @@ def reparameterise(mu, logvar):
 def kl_to_standard_normal(mu, logvar):
     """KL(N(mu, sigma^2) || N(0, I)) in closed form: 1/2 sum_d (sigma_d^2 + mu_d^2 - 1 - log sigma_d^2).
 
+    Eq. 2 writes the KL as an expectation over q(z|x); for two Gaussians it
+    has this exact value, so no sample of z is needed for it (Kingma &
+    Welling 2014, Appendix B), with less variance than a Monte Carlo estimate.
     Summed over the latent dimensions (it is one KL of a D-dimensional
     Gaussian), averaged over the batch.
     """
@@ -397,13 +406,70 @@ def reconstruct(model, images):
 
 
 # =============================================================================
+# What the experiments share: their errors, progress bars and caches
+#
+# Bad input (a missing data set, an unreadable file) is a UsageError, which
+# the command line shows as one line; a FID network that cannot be had is
+# FIDUnavailable, and the run records FID as null. Decoded data sets and the
+# test images' Inception features are kept in --cache-dir between runs.
+# =============================================================================
+
+class UsageError(Exception):
+    """Bad input from the user: shown as one line, exit status 2, nothing written."""
+
+
+class FIDUnavailable(Exception):
+    """The FID network cannot be had (no weights, no torch-fidelity): FID is recorded as null."""
+
+
+def first_line(error):
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def progress(iterable, description):
+    """A progress bar on a terminal; logs and CI get the one line per epoch instead."""
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=description, leave=False)
+
+
+def save_atomically(obj, path):
+    """torch.save to a temporary file, then rename: a run stopped mid-write keeps the previous file whole."""
+    temporary = path.with_suffix(".tmp")
+    torch.save(obj, temporary)
+    temporary.replace(path)
+
+
+def load_from_cache(path):
+    """What save_to_cache kept at path, or None if there is nothing (readable) there: it is then made again."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:
+        print(f"note: the cache {path} is unreadable ({first_line(error)}); making it again", flush=True)
+        return None
+
+
+def save_to_cache(value, path):
+    """Caches are a convenience: an unwritable cache folder costs time, never the run."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomically(value, path)
+    except OSError as error:
+        print(f"note: could not cache {path.name} in {path.parent} ({first_line(error)}); "
+              "pass a writable --cache-dir to skip this work next time", flush=True)
+
+
+# =============================================================================
 # 6. Data (Sec. 3.1)
 #
 # Each split is decoded once into one uint8 tensor (N x C x H x W) held in
 # memory; a training batch is a slice of it, scaled to [0, 1] on the fly. That
 # keeps per-image Python work off the training path entirely: an MNIST epoch
-# is ~900 tensor slices, not 60,000 PIL decodes. (UsageError, raised for bad
-# data, and the caches are part of the harness, below the line.)
+# is ~900 tensor slices, not 60,000 PIL decodes.
 # =============================================================================
 
 DATASETS = ("mnist", "cifar10", "celeba", "folder")
@@ -748,9 +814,11 @@ def active_units(mu):
 
     A dimension whose mean is the same for every image tells the decoder
     nothing about the image: the KL term has pulled it onto the prior. A VAE
-    keeps only as many as it needs; the Barlow Twins term, which standardises
-    every feature and asks each to agree with its twin, gives every dimension
-    a job.
+    keeps only as many as it needs. The Barlow Twins term standardises every
+    feature and asks each to agree with its twin, which lifts every
+    dimension's variance over this threshold; it is a threshold, though: how
+    the variance spreads over the dimensions is in latent.pt (the results
+    page reads it).
     """
     return int((mu.var(dim=0) > ACTIVE_UNIT_VARIANCE).sum())
 
@@ -844,16 +912,9 @@ def measure_latent_space(model, train_split, test_split, bt_on, device):
 #
 # #############################################################################
 
-class UsageError(Exception):
-    """Bad input from the user: shown as one line, exit status 2, nothing written."""
-
 
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite: the run stops, keeping what it has."""
-
-
-class FIDUnavailable(Exception):
-    """The FID network cannot be had (no weights, no torch-fidelity): FID is recorded as null."""
 
 
 class RunInterrupted(Exception):
@@ -1040,11 +1101,6 @@ def parse_config(argv=None):
     return cfg
 
 
-def first_line(error):
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
 def shown(value, digits=3):
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -1052,33 +1108,6 @@ def shown(value, digits=3):
 # -----------------------------------------------------------------------------
 # Files: model.pt, caches, and writing without leaving half a file
 # -----------------------------------------------------------------------------
-
-def save_atomically(obj, path):
-    """torch.save to a temporary file, then rename: a run stopped mid-write keeps the previous file whole."""
-    temporary = path.with_suffix(".tmp")
-    torch.save(obj, temporary)
-    temporary.replace(path)
-
-
-def load_from_cache(path):
-    """What save_to_cache kept at path, or None if there is nothing (readable) there: it is then made again."""
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as error:
-        print(f"note: the cache {path} is unreadable ({first_line(error)}); making it again", flush=True)
-        return None
-
-
-def save_to_cache(value, path):
-    """Caches are a convenience: an unwritable cache folder costs time, never the run."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomically(value, path)
-    except OSError as error:
-        print(f"note: could not cache {path.name} in {path.parent} ({first_line(error)}); "
-              "pass a writable --cache-dir to skip this work next time", flush=True)
 
 
 def write_json(data, path):
@@ -1216,13 +1245,6 @@ def resume_training(checkpoint, model, cfg, device):
 # Watching training: progress bars, Ctrl-C and SIGTERM, the training pass's time
 # -----------------------------------------------------------------------------
 
-def progress(iterable, description):
-    """A progress bar on a terminal; logs and CI get the one line per epoch instead."""
-    if not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, desc=description, leave=False)
-
 
 class GracefulStop:
     """While active, the first Ctrl-C or SIGTERM asks training to stop after the current step; a second stops at once."""
@@ -1343,7 +1365,6 @@ def prepare_for_speed(model, splits, device, bf16):
         if sum(s.images.nbytes for s in splits) < free_bytes // 4:
             splits = [Split(s.images.to(device), s.labels) for s in splits]
     return splits
-
 
 
 # -----------------------------------------------------------------------------
@@ -1533,6 +1554,9 @@ def run(cfg):
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_json({**vars(cfg), "device": str(device), "mixed_precision_bf16": bf16,
                 "versions": library_versions(),
+                # CPU kernels differ by instruction set (AVX2, AVX-512), and so do their last bits: a run repeats
+                # bit for bit on a CPU with the same capability
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "train_images": len(train_split), "val_images": len(val_split), "test_images": len(test_split)},
                cfg.out / "config.json")
     print(f"{cfg.dataset}: {len(train_split)} train / {len(val_split)} validation / {len(test_split)} test images "

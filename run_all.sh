@@ -99,4 +99,4 @@ if [ "${REPORT_ONLY:-0}" != 1 ]; then
   echo "sweep took $((SECONDS - started)) s"
 fi
 
-"$PYTHON" report.py "$OUT"
+"$PYTHON" tools/report.py "$OUT"

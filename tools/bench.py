@@ -1,7 +1,7 @@
 """Benchmark btvae.py on this machine: training throughput and FID speed. Prints one table; asserts nothing.
 
-    python bench.py                                   # training steps only
-    python bench.py --data-dir ../shared/data \\
+    python tools/bench.py                                   # training steps only
+    python tools/bench.py --data-dir ../shared/data \\
         --fid-weights ../shared/fid/weights-inception-2015-12-05-6726825d.pth   # and FID on MNIST
 
 Every figure is measured in this one run, alternating the configurations it
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-import btvae
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # btvae.py is at the project's top
+import btvae  # noqa: E402
 
 SHAPES = {"MNIST 1x32x32": (1, 32), "CIFAR-10 3x32x32": (3, 32), "CelebA 3x64x64": (3, 64)}
 DATASET_SIZES = {"MNIST 1x32x32": 55_000, "CIFAR-10 3x32x32": 45_000, "CelebA 3x64x64": 162_770}

@@ -1,11 +1,12 @@
 """Mutation check: is every line of the method pinned by a test?
 
-    python check_mutants.py            # every mutant below
-    python check_mutants.py 3 17       # only these
+    python tools/check_mutants.py            # every mutant below
+    python tools/check_mutants.py 3 17       # only these
 
 Each mutant changes one line of btvae.py to something plausible but wrong. The
 script applies it to a copy of the project in a temporary folder, runs the
-test file that specifies that part of the file, and reports the mutant as
+tests that specify that part of the file (test_btvae.py's TestMethod or
+TestMeasurements), and reports the mutant as
 killed (a test failed) or as survived. It exits with status 1 if any survived.
 It is a developer's check, not part of the test suite or CI: it runs a test
 file once per mutant, which takes a while (README.md, "Tests", says how long).
@@ -19,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+PROJECT = Path(__file__).resolve().parent.parent
 
-# (what the mutant does, the line as it is, the line mutated): sections 1-5 of btvae.py, against test_method.py
+# (what the mutant does, the line as it is, the line mutated): sections 1-5 of btvae.py, against TestMethod
 METHOD = [
     ('encoder conv stride 1',
      'conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)',
@@ -208,7 +209,7 @@ METHOD = [
      '    mu, _ = model.encode(images)'),
 ]
 
-# sections 6-8 (FID, latent space) and the sampler that uses them, against test_measurements.py. Not among
+# sections 6-8 (FID, latent space) and the sampler that uses them, against TestMeasurements. Not among
 # them: > against >= at the active-unit threshold, since a variance of exactly 0.01 does not occur.
 MEASUREMENTS = [
     ('FID input not clamped',
@@ -297,15 +298,15 @@ MEASUREMENTS = [
      '        z = torch.randn(count, model.architecture["latent_dim"], generator=generator)'),
 ]
 
-MUTANTS = [(*mutant, "test_method.py") for mutant in METHOD] + [(*mutant, "test_measurements.py") for mutant in MEASUREMENTS]
+MUTANTS = ([(*mutant, "test_btvae.py::TestMethod") for mutant in METHOD]
+           + [(*mutant, "test_btvae.py::TestMeasurements") for mutant in MEASUREMENTS])
 
 
 def run(number, name, line, mutated, tests, work):
-    source = (HERE / "btvae.py").read_text()
+    source = (PROJECT / "btvae.py").read_text()
     if source.count(line) != 1:
         return f"NOT APPLIED ({source.count(line)} matches: update this mutant to the current line)"
-    for file in HERE.glob("*.py"):
-        shutil.copy(file, work / file.name)
+    shutil.copytree(PROJECT, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*", "results", "runs", "data"))
     (work / "btvae.py").write_text(source.replace(line, mutated))
     finished = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", tests], cwd=work,
                               capture_output=True, text=True)

@@ -1,7 +1,7 @@
 """Turn a folder of finished btvae.py runs into the paper's tables and figures. Trains nothing, and needs only
 each run's small files (config.json, metrics.json, history.csv, the sample grids, latent.pt), not its model.pt.
 
-    python report.py results            # reads results/runs/*, writes into results/
+    python tools/report.py results            # reads results/runs/*, writes into results/
 
 Writes, beside the runs:
   table1.md, table1.csv    Table 1: per data set and lambda2, mean and standard deviation over seeds of FID (samples
@@ -32,12 +32,14 @@ import random
 import re
 import shutil
 import statistics
+import sys
 import textwrap
 from pathlib import Path
 
 import torch
 
-import btvae
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # btvae.py is at the project's top
+import btvae  # noqa: E402
 
 # Table 1 of the paper: FID-64 (their code: 500 samples, the uint8 conversion bug; see README).
 PAPER_TABLE1 = {

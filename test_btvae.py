@@ -1,0 +1,1772 @@
+"""The tests of btvae.py: its specification. Offline and fast: no download and no ../shared, only data sets
+fabricated in each real format and small models on random tensors.
+
+    python -m pytest test_btvae.py                     # everything (the README's test command)
+    python -m pytest test_btvae.py::TestMethod         # the method's specification: sections 1-5 of btvae.py
+    python -m pytest test_btvae.py::TestMeasurements   # its experiments: sections 6-8 (data, FID, latent space)
+
+The sections follow btvae.py's: the fabricated data sets and stand-ins first, then TestMethod (1 Model,
+2 Reparameterisation, 3 Objective, 4 Training, 5 Sampling), where every line of the method has a test that
+fails when the line is changed to something plausible but wrong (tools/check_mutants.py tries that), then
+TestMeasurements (6 Data, 7 FID, 8 Latent space), then the harness: the command line end to end, bad input,
+checkpoints and --resume, --evaluate, the pretrained models, speed settings, and tools/report.py and
+run_all.sh on fabricated runs.
+"""
+
+import csv
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import btvae
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "tools"))  # the report of a sweep lives with the other helper scripts
+import report  # noqa: E402
+
+
+# =============================================================================
+# Fabricated data sets and stand-ins: every data set in the exact on-disk format the real one has, so that
+# no test needs a download or ../shared
+# =============================================================================
+
+
+def write_idx(path, array):
+    """MNIST's idx format: magic (0x08 = uint8, then the number of dimensions), big-endian sizes, raw bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.asarray(array, dtype=np.uint8)
+    with open(path, "wb") as file:
+        file.write(struct.pack(">I", 0x0800 | array.ndim))
+        file.write(struct.pack(f">{array.ndim}I", *array.shape))
+        file.write(array.tobytes())
+
+
+def blob_images(count, channels, height, width, seed):
+    """Images with structure (a bright rectangle on a dark ground), so models have something to learn."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 40, size=(count, channels, height, width), dtype=np.uint8)
+    for image in images:
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        image[:, top:top + height // 3, left:left + width // 3] = rng.integers(150, 256, size=(channels, 1, 1))
+    return images
+
+
+def save(image, path, format=None):
+    """A C x H x W uint8 array as an image file; the format follows the suffix unless given."""
+    array = np.asarray(image).transpose(1, 2, 0)
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path, format=format)
+
+
+def make_mnist(root, train=200, test=60):
+    raw = root / "MNIST" / "raw"
+    for prefix, count, seed in (("train", train, 1), ("t10k", test, 2)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", blob_images(count, 1, 28, 28, seed)[:, 0])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
+    return root
+
+
+def make_cifar10(root, per_batch=20, test=30):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        count = test if name == "test_batch" else per_batch
+        images = blob_images(count, 3, 32, 32, seed=10 + i)
+        images[0, 0], images[0, 1], images[0, 2] = 0, 100, 200  # channel order marker: R, G, B planes
+        batch = {b"batch_label": name.encode(), b"labels": [j % 10 for j in range(count)],
+                 b"data": images.reshape(count, 3072), b"filenames": [b"x.png"] * count}
+        with open(folder / name, "wb") as file:
+            pickle.dump(batch, file)
+    return root
+
+
+def make_celeba(root, counts=(24, 6, 8)):
+    folder = root / "celeba"
+    (folder / "img_align_celeba").mkdir(parents=True)
+    lines, number = [], 0
+    for code, count in enumerate(counts):
+        images = blob_images(count, 3, 218, 178, seed=20 + code)  # CelebA's aligned images are 178 wide, 218 high
+        for image in images:
+            number += 1
+            name = f"{number:06d}.jpg"
+            save(image, folder / "img_align_celeba" / name)
+            lines.append(f"{name} {code}")
+    (folder / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_folder(root, count=30):
+    """Mixed sizes, formats and depths, a grayscale PNG and a file that is not an image."""
+    for i, image in enumerate(blob_images(count, 3, 40, 56, seed=30)):
+        sub = root / ("a" if i % 2 else "b/c")
+        sub.mkdir(parents=True, exist_ok=True)
+        if i == 0:
+            save(image[:1], sub / "gray.png")
+        else:
+            save(image, sub / (f"{i}.png" if i % 3 else f"{i}.JPG"))
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def config(*argv):
+    return btvae.parse_config([str(a) for a in argv])
+
+
+def small_model_and_batch(channels=1):
+    torch.manual_seed(6)
+    return btvae.ConvVAE(channels, 16, (8, 16), latent_dim=6), torch.rand(12, channels, 16, 16)
+
+
+class StandInFeatures(torch.nn.Module):
+    """A cheap stand-in for torch-fidelity's Inception, with its interface: uint8 RGB images in, a tuple with
+    one feature tensor per requested layer out. Its first layer gives each channel's mean and standard
+    deviation (6 features); a second layer (the 2048-d one) gives other numbers: the mean and standard
+    deviation of each channel's top and bottom halves (12), so a test can tell which layer a measure used."""
+    num_features = 6
+
+    def __init__(self, layers=1):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, images):
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        x = images.float().flatten(2)
+        top, bottom = x.chunk(2, dim=-1)
+        first = torch.cat([x.mean(-1), x.std(-1)], dim=1)
+        second = torch.cat([top.mean(-1), top.std(-1), bottom.mean(-1), bottom.std(-1)], dim=1)
+        return (first, second)[:self.layers]
+
+
+def stand_in_network(features=(64,), weights=None):
+    return StandInFeatures(len(features))
+
+
+def replay(images, shift=0.0):
+    """A make_fake_batch that hands out `images` (as [0, 1] floats, plus `shift`) in order."""
+    position = 0
+
+    def make_fake_batch(count):
+        nonlocal position
+        batch = btvae.to_model_range(images[position:position + count]) + shift
+        position += count
+        return batch
+    return make_fake_batch
+
+
+def scripted_epochs(monkeypatch, val_losses):
+    """run_epoch replaced: each training epoch adds 1 to a bias (so each epoch's weights are recognisable),
+    each validation pass returns the next of `val_losses`."""
+    val_losses = iter(val_losses)
+
+    def scripted_epoch(model, images, cfg, device, optimiser=None, shuffle=None, watch=None):
+        batches = btvae.batch_indices(len(images), 2)
+        for _ in watch(batches, "train" if optimiser else "validate") if watch else batches:
+            pass
+        if optimiser is not None:
+            with torch.no_grad():
+                model.to_mu.bias.add_(1)
+            return {name: 1.0 for name in btvae.LOSS_TERMS}
+        return {**{name: 0.0 for name in btvae.LOSS_TERMS}, "loss": next(val_losses)}
+    monkeypatch.setattr(btvae, "run_epoch", scripted_epoch)
+    model = btvae.ConvVAE(1, 16, (8, 16), latent_dim=4)
+    with torch.no_grad():
+        model.to_mu.bias.zero_()
+    return model
+
+
+NO_IMAGES = torch.zeros(4, 1, 16, 16, dtype=torch.uint8)
+
+
+def uint8_images(count, size=16, seed=0):
+    return torch.randint(0, 256, (count, 1, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def features_of(images, shift=0.0, layer=0):
+    network = StandInFeatures(layer + 1)
+    return btvae.inception_features(network, replay(images, shift), len(images), torch.device("cpu"))[layer]
+
+
+def two_clusters(count=4000):
+    """Two well-separated, elongated and tilted Gaussian clusters in 2-d, 3:1 in size."""
+    generator = torch.Generator().manual_seed(17)
+    covariance = torch.tensor([[2.0, 1.2], [1.2, 1.0]])
+    means = torch.tensor([[-6.0, 0.0], [6.0, 3.0]])
+    which = (torch.rand(count, generator=generator) < 0.25).long()
+    noise = torch.randn(count, 2, generator=generator) @ torch.linalg.cholesky(covariance).T
+    return means[which] + noise, means, covariance
+
+
+# =============================================================================
+# The method (btvae.py sections 1-5)
+# =============================================================================
+
+class TestMethod:
+    """Every line of btvae.py's sections 1-5 (model, reparameterisation, the objective of Eq. 2-4, training,
+    sampling) has a test here that fails when the line is changed to something plausible but wrong."""
+
+
+    # ---------------------------------------------------------------------------
+    # 1. Model
+    # ---------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("channels, size, hidden_dims", [
+        (1, 32, (16, 32, 64, 128, 256)),
+        (3, 32, (16, 32, 64, 128, 256)),
+        (3, 64, (16, 32, 64, 128, 256)),
+        (3, 24, (8, 12, 20)),
+    ])
+    def test_encoder_decoder_and_loss_shapes(self, channels, size, hidden_dims):
+        model = btvae.ConvVAE(channels, size, hidden_dims, latent_dim=7)
+        x = torch.rand(5, channels, size, size)
+        mu, logvar = model.encode(x)
+        assert mu.shape == logvar.shape == (5, 7)
+        x_recon = model.decode(btvae.reparameterise(mu, logvar))
+        assert x_recon.shape == x.shape
+        terms = btvae.btvae_loss(model, x, lam1=0.1, lam2=0.1)
+        assert all(terms[name].shape == () for name in btvae.LOSS_TERMS)
+
+    def test_encoder_blocks_halve_the_image_with_the_papers_widths(self):
+        model = btvae.ConvVAE(3, 32)
+        blocks = list(model.encoder)[:-1]
+        assert isinstance(model.encoder[-1], torch.nn.Flatten) and len(blocks) == 5
+        for block, (in_width, out_width) in zip(blocks, [(3, 16), (16, 32), (32, 64), (64, 128), (128, 256)]):
+            conv, norm, activation = block
+            assert type(conv) is torch.nn.Conv2d and (conv.in_channels, conv.out_channels) == (in_width, out_width)
+            assert (conv.kernel_size, conv.stride, conv.padding) == ((3, 3), (2, 2), (1, 1))
+            assert type(norm) is torch.nn.BatchNorm2d and type(activation) is torch.nn.LeakyReLU
+        assert model.bottleneck_shape == (256, 1, 1)
+        assert model.to_mu.in_features == model.to_logvar.in_features == 256
+
+    def test_decoder_mirrors_the_encoder_and_ends_in_a_sigmoid(self):
+        model = btvae.ConvVAE(3, 32)
+        assert (model.from_latent.in_features, model.from_latent.out_features) == (128, 256)
+        *blocks, last_conv, output = model.decoder
+        for block, (in_width, out_width) in zip(blocks, [(256, 128), (128, 64), (64, 32), (32, 16), (16, 16)]):
+            conv, norm, activation = block
+            assert type(conv) is torch.nn.ConvTranspose2d and (conv.in_channels, conv.out_channels) == (in_width, out_width)
+            assert (conv.kernel_size, conv.stride, conv.padding, conv.output_padding) == ((3, 3), (2, 2), (1, 1), (1, 1))
+            assert type(norm) is torch.nn.BatchNorm2d and type(activation) is torch.nn.LeakyReLU
+        assert (last_conv.in_channels, last_conv.out_channels, last_conv.kernel_size, last_conv.stride) == (16, 3, (3, 3), (1, 1))
+        assert type(output) is torch.nn.Sigmoid  # the data's range [0, 1]
+
+    def test_encode_returns_the_mean_head_then_the_log_variance_head(self):
+        model, x = small_model_and_batch()
+        model.eval()
+        with torch.no_grad():
+            model.to_mu.weight.zero_(), model.to_mu.bias.fill_(0.25)
+            model.to_logvar.weight.zero_(), model.to_logvar.bias.fill_(-1.5)
+        mu, logvar = model.encode(x)
+        assert torch.all(mu == 0.25) and torch.all(logvar == -1.5)
+        assert mu.dtype == logvar.dtype == torch.float32
+
+    def test_decode_starts_from_the_smallest_feature_map_of_z(self):
+        model, _ = small_model_and_batch()
+        model.eval()
+        z = torch.randn(4, 6)
+        expected = model.decoder(model.from_latent(z).view(4, 16, 4, 4))
+        assert torch.equal(model.decode(z), expected)
+
+    def test_image_size_must_be_divisible_by_every_halving(self):
+        assert btvae.bottleneck_side(32, 5) == 1 and btvae.bottleneck_side(64, 5) == 2 and btvae.bottleneck_side(24, 3) == 3
+        with pytest.raises(ValueError, match="not divisible by 2\\^2 = 4"):
+            btvae.ConvVAE(1, 30, (16, 32), latent_dim=4)
+
+
+    # ---------------------------------------------------------------------------
+    # 2. Reparameterisation
+    # ---------------------------------------------------------------------------
+
+    def test_reparameterisation_is_mu_plus_sigma_times_standard_normal_noise(self):
+        mu, logvar = torch.tensor([[0.5, -2.0, 3.0]]), torch.tensor([[0.0, math.log(4), math.log(0.25)]])
+        torch.manual_seed(0)
+        z = btvae.reparameterise(mu, logvar)
+        torch.manual_seed(0)
+        eps = torch.randn(1, 3)
+        assert torch.allclose(z, mu + torch.tensor([1.0, 2.0, 0.5]) * eps)  # sigma = exp(logvar / 2)
+
+    def test_reparameterised_samples_follow_the_posterior(self):
+        torch.manual_seed(1)
+        mu, logvar = torch.full((200_000, 2), 1.5), torch.tensor([math.log(4), math.log(0.01)]).expand(200_000, 2)
+        z = btvae.reparameterise(mu, logvar)
+        assert torch.allclose(z.mean(0), torch.tensor([1.5, 1.5]), atol=0.01)
+        assert torch.allclose(z.std(0), torch.tensor([2.0, 0.1]), rtol=0.01)
+        assert abs(((z[:, 0] - 1.5) / 2).pow(4).mean() - 3) < 0.1  # Gaussian: kurtosis 3
+
+    def test_gradients_flow_through_mu_and_sigma(self):
+        mu, logvar = torch.zeros(1, 4, requires_grad=True), torch.zeros(1, 4, requires_grad=True)
+        torch.manual_seed(2)
+        btvae.reparameterise(mu, logvar).sum().backward()
+        torch.manual_seed(2)
+        eps = torch.randn(1, 4)
+        assert torch.equal(mu.grad, torch.ones(1, 4)) and torch.allclose(logvar.grad, 0.5 * eps)
+
+
+    # ---------------------------------------------------------------------------
+    # 3. Objective: Eq. 2 (the VAE), Eq. 3 (Barlow Twins), Eq. 4 (BTVAE)
+    # ---------------------------------------------------------------------------
+
+    def test_kl_is_zero_for_the_prior_itself(self):
+        assert btvae.kl_to_standard_normal(torch.zeros(4, 6), torch.zeros(4, 6)).item() == 0
+
+    def test_kl_closed_form_on_known_values(self):
+        # mu = 1, sigma = 1: 1/2 per dimension, summed over 5. mu = 0, sigma^2 = 4: 1/2 (4 - 1 - log 4) per dimension.
+        assert btvae.kl_to_standard_normal(torch.ones(3, 5), torch.zeros(3, 5)).item() == pytest.approx(2.5)
+        logvar = torch.full((3, 5), math.log(4))
+        expected = 5 * 0.5 * (4 - 1 - math.log(4))
+        assert btvae.kl_to_standard_normal(torch.zeros(3, 5), logvar).item() == pytest.approx(expected, rel=1e-6)
+        mixed = torch.tensor([[1.0] * 5, [3.0] * 5])  # per image 2.5 and 22.5: the batch mean is 12.5
+        assert btvae.kl_to_standard_normal(mixed, torch.zeros(2, 5)).item() == pytest.approx(12.5)
+
+    def test_kl_matches_monte_carlo_estimate(self):
+        torch.manual_seed(0)
+        mu, logvar = torch.randn(2, 4) * 0.8, torch.randn(2, 4) * 0.5
+        q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+        p = torch.distributions.Normal(torch.zeros(2, 4), torch.ones(2, 4))
+        z = q.sample((400_000,))
+        monte_carlo = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean()  # mean over samples and batch
+        assert btvae.kl_to_standard_normal(mu, logvar).item() == pytest.approx(monte_carlo.item(), rel=0.02)
+
+    def test_vae_loss_is_pixel_mean_squared_error_plus_lambda1_kl(self):
+        torch.manual_seed(3)
+        x, x_recon = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
+        mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
+        loss, recon, kl = btvae.vae_loss(x, x_recon, mu, logvar, lam1=0.3)
+        assert recon.item() == pytest.approx(((x - x_recon) ** 2).mean().item(), rel=1e-6)
+        assert kl.item() == pytest.approx(btvae.kl_to_standard_normal(mu, logvar).item())
+        assert loss.item() == pytest.approx(recon.item() + 0.3 * kl.item(), rel=1e-6)
+
+    def test_barlow_twins_is_symmetric(self):
+        torch.manual_seed(1)
+        a, b = torch.randn(32, 8), torch.randn(32, 8)
+        assert btvae.barlow_twins_loss(a, b).item() == pytest.approx(btvae.barlow_twins_loss(b, a).item(), rel=1e-6)
+
+    def test_barlow_twins_diagonal_term_vanishes_for_identical_inputs(self):
+        torch.manual_seed(2)
+        z = torch.randn(64, 10)
+        loss_without_offdiagonal = btvae.barlow_twins_loss(z, z, delta=0).item()
+        variance = z.var(0, unbiased=False)
+        expected = ((1 - variance / (variance + btvae.BT_EPS)) ** 2).sum().item()  # C_ii = var / (var + eps)
+        assert loss_without_offdiagonal == pytest.approx(expected, abs=1e-9)
+        assert loss_without_offdiagonal < 1e-8
+        # and for unrelated inputs the diagonal term is far from zero
+        assert btvae.barlow_twins_loss(z, torch.randn(64, 10), delta=0).item() > 5
+
+    def test_barlow_twins_is_invariant_to_shifting_and_scaling_features(self):
+        torch.manual_seed(3)
+        a, b = torch.randn(50, 6), torch.randn(50, 6) + 0.5 * torch.randn(50, 1)
+        scale, shift = torch.rand(6) * 3 + 0.5, torch.randn(6) * 10
+        original = btvae.barlow_twins_loss(a, b).item()
+        assert btvae.barlow_twins_loss(a * scale + shift, b).item() == pytest.approx(original, rel=1e-4)
+        assert btvae.barlow_twins_loss(a, b * scale.flip(0) - shift).item() == pytest.approx(original, rel=1e-4)
+
+    def test_barlow_twins_off_diagonal_part_has_d_times_d_minus_one_terms(self):
+        # Every feature a copy of one column: every C_ij is the same, var / (var + eps), on and off the diagonal.
+        torch.manual_seed(4)
+        dims = 9
+        z = torch.randn(40, 1).repeat(1, dims)
+        c = (z[:, 0].var(unbiased=False) / (z[:, 0].var(unbiased=False) + btvae.BT_EPS)).item()
+        off_diagonal_only = btvae.barlow_twins_loss(z, z, delta=1).item() - btvae.barlow_twins_loss(z, z, 0).item()
+        assert off_diagonal_only == pytest.approx(dims * (dims - 1) * c * c, rel=1e-5)
+
+    def test_barlow_twins_equals_a_plain_double_loop_over_eq3(self):
+        torch.manual_seed(5)
+        n, d, delta = 16, 5, 0.37
+        a, b = torch.randn(n, d).double(), torch.randn(n, d).double()
+
+        def standardised(z, i):
+            column = [z[k, i].item() for k in range(n)]
+            mean = sum(column) / n
+            variance = sum((v - mean) ** 2 for v in column) / n
+            return [(v - mean) / math.sqrt(variance + 1e-5) for v in column]
+
+        sa, sb = [standardised(a, i) for i in range(d)], [standardised(b, i) for i in range(d)]
+        c = [[sum(sa[i][k] * sb[j][k] for k in range(n)) / n for j in range(d)] for i in range(d)]
+        expected = sum((1 - c[i][i]) ** 2 for i in range(d)) + delta * sum(
+            c[i][j] ** 2 for i in range(d) for j in range(d) if j != i)
+        assert btvae.barlow_twins_loss(a, b, delta).item() == pytest.approx(expected, rel=1e-10)
+        assert torch.allclose(btvae.cross_correlation(a, b), torch.tensor(c, dtype=torch.float64))
+
+    def test_twins_compare_the_embeddings_bt_on_names(self):
+        model, x = small_model_and_batch()
+        model.eval()  # BatchNorm with running statistics: the encoder is then a fixed function of its input
+        mu, logvar = model.encode(x)
+        z = btvae.reparameterise(mu, logvar)
+        x_recon = model.decode(z)
+        mu_recon, logvar_recon = model.encode(x_recon)
+        (a, b), = btvae.twins(model, mu, logvar, z, x_recon, "mu")
+        assert a is mu and torch.equal(b, mu_recon)
+        (a, b), = btvae.twins(model, mu, logvar, z, x_recon, "z")
+        assert a is z
+        spread = (b - mu_recon) / torch.exp(0.5 * logvar_recon)  # b is a sample of N(mu_recon, sigma_recon^2)
+        assert spread.abs().max() < 6 and spread.std() > 0.5
+        (a, b), (c, d) = btvae.twins(model, mu, logvar, z, x_recon, "mu+logvar")
+        assert a is mu and torch.equal(b, mu_recon) and c is logvar and torch.equal(d, logvar_recon)
+
+    @pytest.mark.parametrize("bt_on", ["mu", "z", "mu+logvar"])
+    def test_objective_is_the_weighted_sum_of_its_parts(self, bt_on):
+        model, x = small_model_and_batch()
+        terms = btvae.btvae_loss(model, x, lam1=0.3, lam2=0.7, bt_on=bt_on, delta=0.01)
+        assert terms["bt"].item() > 0
+        assert terms["loss"].item() == pytest.approx(
+            terms["recon"].item() + 0.3 * terms["kl"].item() + 0.7 * terms["bt"].item(), rel=1e-6)
+
+    @pytest.mark.parametrize("bt_on", ["mu", "z", "mu+logvar"])
+    def test_objective_decodes_a_sample_and_compares_its_twins(self, bt_on):
+        model, x = small_model_and_batch()
+        model.eval()
+        torch.manual_seed(7)
+        terms = btvae.btvae_loss(model, x, lam1=0.3, lam2=0.7, bt_on=bt_on, delta=0.01)
+        torch.manual_seed(7)  # the same eps (and, for "z", the same draw for z_recon)
+        mu, logvar = model.encode(x)
+        z = btvae.reparameterise(mu, logvar)
+        x_recon = model.decode(z)
+        pairs = btvae.twins(model, mu, logvar, z, x_recon, bt_on)
+        bt = sum(btvae.barlow_twins_loss(z_gt, z_recon, 0.01) for z_gt, z_recon in pairs)
+        _, recon, kl = btvae.vae_loss(x, x_recon, mu, logvar, 0.3)
+        assert (terms["recon"].item(), terms["kl"].item(), terms["bt"].item()) == (recon.item(), kl.item(), bt.item())
+
+    def test_negative_lambda2_subtracts_the_barlow_twins_term(self):
+        model, x = small_model_and_batch()
+        terms = btvae.btvae_loss(model, x, lam1=0.3, lam2=-0.5)
+        assert terms["bt"].item() > 0  # the paper's ablation still computes the term
+        assert terms["loss"].item() == pytest.approx(
+            terms["recon"].item() + 0.3 * terms["kl"].item() - 0.5 * terms["bt"].item(), rel=1e-6)
+
+    def test_lam2_zero_is_exactly_the_vae_and_skips_the_re_encoding(self):
+        model, x = small_model_and_batch()
+        encoder_calls = []
+        model.encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
+        torch.manual_seed(8)
+        terms = btvae.btvae_loss(model, x, lam1=0.5, lam2=0)
+        assert len(encoder_calls) == 1
+        torch.manual_seed(8)
+        mu, logvar = model.encode(x)
+        vae_loss = torch.nn.functional.mse_loss(model.decode(btvae.reparameterise(mu, logvar)), x) \
+            + 0.5 * btvae.kl_to_standard_normal(mu, logvar)
+        assert terms["bt"].item() == 0
+        assert terms["loss"].item() == vae_loss.item()
+
+    def test_barlow_twins_gradient_reaches_both_encoder_passes_and_the_decoder(self):
+        model, x = small_model_and_batch()
+        mu, logvar = model.encode(x)
+        z = btvae.reparameterise(mu, logvar)
+        x_recon = model.decode(z)
+        (z_gt, z_recon), = btvae.twins(model, mu, logvar, z, x_recon, "mu")
+        z_gt_gradient, = torch.autograd.grad(btvae.barlow_twins_loss(z_gt, z_recon), z_gt, retain_graph=True)
+        x_recon_gradient, = torch.autograd.grad(btvae.barlow_twins_loss(z_gt, z_recon), x_recon, retain_graph=True)
+        assert z_gt_gradient.abs().sum() > 0 and x_recon_gradient.abs().sum() > 0  # neither twin is detached
+        terms = btvae.btvae_loss(model, x, lam1=0, lam2=1)
+        terms["bt"].backward()
+        assert model.to_mu.weight.grad.abs().sum() > 0
+        assert model.from_latent.weight.grad.abs().sum() > 0  # through x_recon, into the decoder
+
+
+    # ---------------------------------------------------------------------------
+    # 4. Training
+    # ---------------------------------------------------------------------------
+
+    def test_batches_are_full_the_last_incomplete_one_dropped(self):
+        batches = btvae.batch_indices(10, 4)
+        assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        assert [b.tolist() for b in btvae.batch_indices(3, 4)] == [[0, 1, 2]]  # smaller than a batch: one batch
+        assert [b.tolist() for b in btvae.batch_indices(8, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+    def test_batches_follow_the_shuffling_generator(self):
+        shuffled = torch.cat(btvae.batch_indices(100, 10, torch.Generator().manual_seed(3)))
+        assert shuffled.tolist() == torch.randperm(100, generator=torch.Generator().manual_seed(3)).tolist()
+        generator = torch.Generator().manual_seed(3)
+        first, second = (torch.cat(btvae.batch_indices(100, 10, generator)) for _ in range(2))
+        assert not torch.equal(first, second)  # a new order every epoch
+
+    def test_a_batch_is_the_indexed_images_scaled_to_the_unit_interval(self):
+        images = torch.tensor([0, 51, 255, 102], dtype=torch.uint8).view(4, 1, 1, 1)
+        batch = btvae.load_batch(images, torch.tensor([2, 1]), torch.device("cpu"))
+        assert batch.dtype == torch.float32 and batch.flatten().tolist() == pytest.approx([1.0, 0.2])
+
+    def test_a_training_epoch_is_one_adam_step_per_shuffled_batch(self):
+        model, _ = small_model_and_batch()
+        images, cfg = uint8_images(26), config("--batch-size", 8, "--lam1", 0.1, "--lam2", 0.2, "--delta", 0.3)
+        replica = btvae.ConvVAE(1, 16, (8, 16), latent_dim=6)
+        replica.load_state_dict(model.state_dict())
+        optimiser = btvae.make_optimiser(model, cfg, torch.device("cpu"))
+        torch.manual_seed(9)
+        terms = btvae.run_epoch(model, images, cfg, torch.device("cpu"), optimiser, torch.Generator().manual_seed(4))
+
+        torch.manual_seed(9)  # the same steps by hand: 3 full batches of 8 (2 images dropped), in the shuffled order
+        replica_optimiser = btvae.make_optimiser(replica, cfg, torch.device("cpu"))
+        replica.train()
+        losses = []
+        for index in torch.randperm(26, generator=torch.Generator().manual_seed(4))[:24].split(8):
+            step = btvae.btvae_loss(replica, images[index].float() / 255, 0.1, 0.2, "mu", 0.3)
+            replica_optimiser.zero_grad()
+            step["loss"].backward()
+            replica_optimiser.step()
+            losses.append([step[name].item() for name in btvae.LOSS_TERMS])
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, replica.state_dict()[name]), name
+        for i, name in enumerate(btvae.LOSS_TERMS):
+            assert terms[name] == pytest.approx(sum(row[i] for row in losses) / 3, rel=1e-5)
+
+    def test_a_validation_pass_changes_nothing_and_reports_the_mean_terms(self, monkeypatch):
+        model, _ = small_model_and_batch()
+        model.train()
+        images, cfg = uint8_images(20), config("--batch-size", 10, "--lam1", 0.1, "--lam2", 0.2)
+        before = {name: value.clone() for name, value in model.state_dict().items()}
+        grad_enabled, loss = [], btvae.btvae_loss
+
+        def recording_loss(*args, **kwargs):
+            grad_enabled.append(torch.is_grad_enabled())
+            return loss(*args, **kwargs)
+        monkeypatch.setattr(btvae, "btvae_loss", recording_loss)
+        torch.manual_seed(10)
+        terms = btvae.run_epoch(model, images, cfg, torch.device("cpu"))
+        assert not model.training and grad_enabled == [False, False]  # evaluation mode, no graph
+        assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())  # BatchNorm too
+        torch.manual_seed(10)
+        with torch.no_grad():
+            expected = [loss(model, images[i:i + 10].float() / 255, 0.1, 0.2) for i in (0, 10)]
+        for name in btvae.LOSS_TERMS:  # with training's lambda1 and lambda2
+            assert terms[name] == pytest.approx((expected[0][name].item() + expected[1][name].item()) / 2, rel=1e-5)
+
+    def test_adam_has_the_papers_learning_rate_and_no_weight_decay(self):
+        model, _ = small_model_and_batch()
+        optimiser = btvae.make_optimiser(model, config(), torch.device("cpu"))
+        assert type(optimiser) is torch.optim.Adam
+        group, = optimiser.param_groups
+        assert group["lr"] == 0.005 and group["weight_decay"] == 0 and group["betas"] == (0.9, 0.999)
+        assert len(group["params"]) == len(list(model.parameters()))
+
+    def test_early_stopping_stops_after_patience_epochs_and_restores_the_best_weights(self, monkeypatch):
+        # best at epoch 3; 3 epochs without improvement after (an equal loss is no improvement)
+        model = scripted_epochs(monkeypatch, [5.0, 4.0, 3.0, 3.5, 3.0, 3.2, 2.0])
+        cfg = config("--epochs", 50, "--patience", 3)
+        training = btvae.train(model, NO_IMAGES, NO_IMAGES, cfg, torch.device("cpu"))
+        assert training.epoch == 6 and training.finished and training.stopped_early
+        assert training.stopper.best_epoch == 3 and training.stopper.best_loss == 3.0
+        assert torch.all(model.to_mu.bias == 3)  # the weights after epoch 3, not epoch 6
+
+    def test_patience_counts_epochs_since_the_last_improvement(self, monkeypatch):
+        # epoch 2 does not improve, epoch 3 does: the count starts again there, and ends at epoch 6
+        model = scripted_epochs(monkeypatch, [5.0, 5.5, 4.0, 4.5, 4.6, 4.7, 1.0])
+        training = btvae.train(model, NO_IMAGES, NO_IMAGES, config("--patience", 3), torch.device("cpu"))
+        assert training.epoch == 6 and training.stopper.best_epoch == 3 and torch.all(model.to_mu.bias == 3)
+
+    def test_training_ends_after_epochs_without_early_stopping_with_the_best_weights(self, monkeypatch):
+        model = scripted_epochs(monkeypatch, [5.0, 4.0, 4.5, 4.2])
+        training = btvae.train(model, NO_IMAGES, NO_IMAGES, config("--epochs", 4, "--patience", 3), torch.device("cpu"))
+        assert training.epoch == 4 and training.finished and not training.stopped_early
+        assert torch.all(model.to_mu.bias == 2)
+
+    def test_the_best_weights_are_restored_even_when_the_harness_stops_training(self, monkeypatch):
+        model = scripted_epochs(monkeypatch, [5.0, 4.0, 4.5])
+
+        def after_epoch(training, train_terms, val_terms):
+            if training.epoch == 3:
+                raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            btvae.train(model, NO_IMAGES, NO_IMAGES, config(), torch.device("cpu"), after_epoch=after_epoch)
+        assert torch.all(model.to_mu.bias == 2)
+
+    def test_training_continues_a_given_state_where_it_stopped(self, monkeypatch):
+        model = scripted_epochs(monkeypatch, [5.0, 4.0])
+        cfg = config("--epochs", 4)
+        training = btvae.start_training(model, cfg, torch.device("cpu"))
+        training.epoch = 2
+        seen = []
+        btvae.train(model, NO_IMAGES, NO_IMAGES, cfg, torch.device("cpu"), training,
+                    after_epoch=lambda state, *terms: seen.append(state.epoch))
+        assert seen == [3, 4]
+
+    def test_the_shuffling_generator_starts_from_the_seed(self):
+        model, _ = small_model_and_batch()
+        training = btvae.start_training(model, config("--seed", 7), torch.device("cpu"))
+        assert torch.equal(training.shuffle.get_state(), torch.Generator().manual_seed(7).get_state())
+        assert training.stopper.patience == 5 and training.epoch == 0 and not training.finished
+
+    def test_tiny_overfit_run_reduces_the_reconstruction_loss_tenfold(self):
+        # 32 images, 300 full-batch epochs of the default BTVAE objective and a small model, through run_epoch.
+        # Measured: the reconstruction MSE falls ~50x.
+        torch.manual_seed(0)
+        images = torch.from_numpy(blob_images(32, 1, 16, 16, seed=40))
+        images[images < 100] = 0  # a clean background: the blobs are what there is to learn
+        cfg = config("--batch-size", 32)
+        model = btvae.ConvVAE(1, 16, (8, 16), latent_dim=16)
+        optimiser = btvae.make_optimiser(model, cfg, torch.device("cpu"))
+        recon = [btvae.run_epoch(model, images, cfg, torch.device("cpu"), optimiser)["recon"] for _ in range(300)]
+        assert sum(recon[-5:]) < sum(recon[:5]) / 10, (recon[:5], recon[-5:])
+
+
+    # ---------------------------------------------------------------------------
+    # 5. Sampling
+    # ---------------------------------------------------------------------------
+
+    def test_generate_decodes_standard_normal_prior_samples_drawn_with_the_generator(self):
+        model, _ = small_model_and_batch()
+        decoded = []
+        model.decode = lambda z: decoded.append(z) or z  # see the z that generate decodes
+        btvae.generate(model, 20000, torch.Generator().manual_seed(2), torch.device("cpu"))
+        prior = decoded[-1]
+        assert prior.shape == (20000, 6)
+        assert prior.mean(0).abs().max() < 0.05 and (prior.std(0) - 1).abs().max() < 0.05  # N(0, I)
+        assert torch.corrcoef(prior.T)[~torch.eye(6, dtype=torch.bool)].abs().max() < 0.05
+        assert torch.equal(prior, torch.randn(20000, 6, generator=torch.Generator().manual_seed(2)))
+
+    def test_generate_and_reconstruct_use_the_model_in_evaluation_mode(self):
+        model, x = small_model_and_batch()
+        model.train()
+        samples = btvae.generate(model, 5, torch.Generator().manual_seed(1), torch.device("cpu"))
+        reconstructions = btvae.reconstruct(model.train(), x)
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(samples, model.decode(torch.randn(5, 6, generator=torch.Generator().manual_seed(1))))
+            assert torch.equal(reconstructions, model.decode(model.encode(x)[0]))  # the posterior mean, not a sample
+
+
+# =============================================================================
+# The experiments (btvae.py sections 6-8)
+# =============================================================================
+
+class TestMeasurements:
+    """The data loaders on fabricated files in each data set's real format, FID with a stand-in feature
+    network, and each latent-space metric on a case whose answer is known."""
+
+
+    # ---------------------------------------------------------------------------
+    # 6. Data loaders, on fabricated files, through the same load_data a run uses
+    # ---------------------------------------------------------------------------
+
+    def test_mnist_loader(self, tmp_path):
+        make_mnist(tmp_path, train=200, test=60)
+        train, val, test = btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path))
+        assert (len(train), len(val), len(test)) == (180, 20, 60)  # a tenth held out when under 50,000 images
+        for split in (train, val, test):
+            assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (1, 32, 32)
+        source = torch.from_numpy(blob_images(60, 1, 28, 28, seed=2))
+        assert torch.equal(test.images[:, :, 2:30, 2:30], source)  # padded by 2, pixels untouched
+        assert test.images[:, :, :2].max() == 0
+        assert torch.equal(test.labels, torch.arange(60) % 10)
+        # the validation images are part of the training file, and not in the training split
+        all_train = torch.from_numpy(blob_images(200, 1, 28, 28, seed=1))
+        train_rows = {bytes(im[0, 2:30, 2:30].flatten().tolist()) for im in train.images}
+        val_rows = {bytes(im[0, 2:30, 2:30].flatten().tolist()) for im in val.images}
+        assert not train_rows & val_rows and len(train_rows | val_rows) == len({bytes(im.flatten().tolist()) for im in all_train})
+
+    def test_holdout_is_the_same_whatever_the_seed_and_subset_takes_the_first_images(self, tmp_path):
+        make_mnist(tmp_path)
+        _, val_a, _ = btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path, "--seed", 1))
+        train_b, val_b, _ = btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path, "--seed", 2))
+        assert torch.equal(val_a.images, val_b.images)
+        subset, _, _ = btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path, "--subset", 50))
+        assert torch.equal(subset.images, train_b.images[:50])
+
+    def test_mnist_loader_resizes_to_another_image_size(self, tmp_path):
+        make_mnist(tmp_path)
+        train, _, _ = btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path, "--image-size", 64))
+        assert train.images.shape[1:] == (1, 64, 64)
+
+    def test_cifar10_loader(self, tmp_path):
+        make_cifar10(tmp_path, per_batch=20, test=30)
+        train, val, test = btvae.load_data(config("--dataset", "cifar10", "--data-dir", tmp_path))
+        assert (len(train), len(val), len(test)) == (90, 10, 30)
+        assert test.images.shape[1:] == (3, 32, 32) and test.images.dtype == torch.uint8
+        assert [test.images[0, c].unique().item() for c in range(3)] == [0, 100, 200]  # R, G, B planes in order
+        assert torch.equal(test.labels, torch.arange(30) % 10)
+
+    def test_corrupt_cifar10_file_is_a_usage_error(self, tmp_path):
+        make_cifar10(tmp_path)
+        (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x04truncated")
+        with pytest.raises(btvae.UsageError, match="test_batch.*truncated or corrupt"):
+            btvae.load_data(config("--dataset", "cifar10", "--data-dir", tmp_path))
+
+    def test_celeba_loader_uses_the_official_split_and_caches_decoded_images(self, tmp_path):
+        make_celeba(tmp_path, counts=(24, 6, 8))
+        cfg = config("--dataset", "celeba", "--data-dir", tmp_path)
+        train, val, test = btvae.load_data(cfg)
+        assert (len(train), len(val), len(test)) == (24, 6, 8)
+        assert train.images.shape[1:] == (3, 64, 64) and train.images.dtype == torch.uint8
+        assert sorted(p.name for p in (tmp_path / "btvae_cache").iterdir()) == [
+            "celeba_test_64px.pt", "celeba_train_64px.pt", "celeba_valid_64px.pt"]
+        for jpeg in (tmp_path / "celeba" / "img_align_celeba").iterdir():
+            jpeg.unlink()  # a second load must not decode the JPEGs again
+        again = btvae.load_data(cfg)
+        assert all(torch.equal(a.images, b.images) for a, b in zip((train, val, test), again))
+
+    def test_celeba_crop_keeps_the_centre_148_pixels(self, tmp_path):
+        make_celeba(tmp_path, counts=(2, 1, 1))
+        image = torch.zeros(3, 218, 178, dtype=torch.uint8)
+        image[:, 35:183, 15:163] = 255  # exactly the central 148 x 148 square is white
+        save(image.numpy(), tmp_path / "celeba" / "img_align_celeba" / "000001.jpg", format="PNG")
+        train, _, _ = btvae.load_data(config("--dataset", "celeba", "--data-dir", tmp_path))
+        assert train.images[0].float().mean() > 250
+
+    def test_folder_loader(self, tmp_path):
+        make_folder(tmp_path / "images", count=30)
+        train, val, test = btvae.load_data(config("--dataset", "folder", "--data-dir", tmp_path / "images", "--image-size", 32))
+        assert (len(train), len(val), len(test)) == (24, 3, 3)
+        for split in (train, val, test):
+            assert split.images.shape[1:] == (3, 32, 32) and split.images.dtype == torch.uint8
+
+    @pytest.mark.parametrize("dataset, download_class, expected", [
+        ("mnist", torchvision.datasets.MNIST, "put MNIST/raw/train-images-idx3-ubyte, MNIST/raw/train-labels-idx1-ubyte"),
+        ("cifar10", torchvision.datasets.CIFAR10, "put cifar-10-batches-py/data_batch_1"),
+        ("celeba", torchvision.datasets.CelebA, "put celeba/img_align_celeba, celeba/list_eval_partition.txt there"),
+    ])
+    def test_failed_download_names_the_files_to_provide(self, dataset, download_class, expected, tmp_path, monkeypatch):
+        def offline(self):
+            raise RuntimeError("Error downloading the-file.gz:\nTried https://example.invalid, got: no network")
+        monkeypatch.setattr(download_class, "download", offline)
+        with pytest.raises(btvae.UsageError, match="downloading it failed") as error:
+            btvae.load_data(config("--dataset", dataset, "--data-dir", tmp_path))
+        assert expected in str(error.value) and "\n" not in str(error.value)
+
+    def test_truncated_mnist_file_is_a_usage_error(self, tmp_path):
+        make_mnist(tmp_path)
+        images = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+        images.write_bytes(images.read_bytes()[:1000])
+        with pytest.raises(btvae.UsageError, match="cannot read MNIST.*truncated or corrupt"):
+            btvae.load_data(config("--dataset", "mnist", "--data-dir", tmp_path))
+
+    def test_undecodable_image_in_a_folder_is_a_usage_error(self, tmp_path):
+        make_folder(tmp_path)
+        (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG not really")
+        with pytest.raises(btvae.UsageError, match="cannot decode image .*broken.png"):
+            btvae.load_data(config("--dataset", "folder", "--data-dir", tmp_path))
+
+
+    # ---------------------------------------------------------------------------
+    # 7. FID: the uint8 conversion, the Frechet distance, precision and recall, with a stand-in feature network
+    # ---------------------------------------------------------------------------
+
+    def test_fid_input_conversion_clamps_rounds_and_repeats_grayscale(self):
+        images = torch.tensor([-0.5, 0.0, 0.5, 1.0, 1.7]).view(1, 1, 1, 5)
+        converted = btvae.to_fid_input(images)
+        assert converted.dtype == torch.uint8 and converted.shape == (1, 3, 1, 5)
+        assert converted[0, :, 0].tolist() == [[0, 0, 128, 255, 255]] * 3  # no wrap-around below 0 or above 1
+        rgb = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+        assert torch.equal(btvae.to_fid_input(rgb), rgb)
+
+    def test_inception_features_go_through_in_batches_of_converted_images_one_tensor_per_layer(self):
+        images = torch.from_numpy(blob_images(120, 1, 16, 16, seed=53))  # grayscale: repeated to RGB on the way
+        features = btvae.inception_features(StandInFeatures(2), replay(images), len(images), torch.device("cpu"))
+        expected = StandInFeatures(2)(btvae.to_fid_input(images))
+        assert [f.shape for f in features] == [(120, 6), (120, 12)]
+        assert all(torch.allclose(ours, theirs) for ours, theirs in zip(features, expected))
+
+    def test_frechet_distance_matches_torchmetrics(self):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        class TensorOut(torch.nn.Module):  # torchmetrics expects the features themselves, not a tuple
+            num_features = StandInFeatures.num_features
+
+            def forward(self, images):
+                return StandInFeatures()(images)[0]
+
+        real = torch.from_numpy(blob_images(150, 3, 16, 16, seed=54))
+        fake = torch.from_numpy(blob_images(130, 3, 16, 16, seed=55)) // 2
+        metric = FrechetInceptionDistance(feature=TensorOut())
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+        ours = btvae.frechet_distance(features_of(real), features_of(fake))
+        assert ours == pytest.approx(float(metric.compute()), rel=1e-6)
+
+    def test_frechet_distance_of_one_dimensional_gaussians_is_mean_and_spread_difference(self):
+        torch.manual_seed(9)
+        a, b = torch.randn(500, 1) * 2 + 1, torch.randn(400, 1) * 0.5 - 3
+        expected = (a.double().mean() - b.double().mean()) ** 2 + (a.double().std() - b.double().std()) ** 2
+        assert btvae.frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-9)
+        assert abs(btvae.frechet_distance(a, a)) < 1e-9
+
+    def test_precision_and_recall_equal_a_plain_loop_over_their_definition(self):
+        torch.manual_seed(10)
+        real, fake = torch.randn(40, 3), torch.randn(30, 3) * 0.6 + 1.5  # narrower and shifted: both below 1
+        k = 3
+
+        def radius(point, points):  # distance to the k-th nearest other point of the same set
+            return sorted(float((point - other).norm()) for other in points)[k]  # [0] is the point itself
+
+        def share_inside(points, centres):
+            return sum(any(float((p - c).norm()) <= radius(c, centres) for c in centres) for p in points) / len(points)
+
+        precision, recall = btvae.precision_recall(real, fake, neighbours=k)
+        assert precision == pytest.approx(share_inside(fake, real)) and recall == pytest.approx(share_inside(real, fake))
+        assert 0 < precision < 1 and 0 < recall < 1  # a case that tells the two apart
+
+    def test_a_point_on_the_edge_of_a_ball_is_inside_it(self):
+        # Each point four times: with k = 3 every ball has radius 0, and only a point at distance exactly 0 is inside.
+        points = torch.randn(10, 3).repeat(4, 1)
+        assert btvae.precision_recall(points, points) == (1.0, 1.0)
+        assert btvae.precision_recall(points, points + 1e-3) == (0.0, 0.0)
+
+    def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift(self):
+        real = torch.from_numpy(blob_images(200, 3, 16, 16, seed=50))
+        identical, slightly, strongly = (btvae.frechet_distance(features_of(real), features_of(real, shift))
+                                         for shift in (0, 0.05, 0.2))
+        assert abs(identical) < 1e-6
+        assert 0 < slightly < strongly
+        assert btvae.precision_recall(features_of(real), features_of(real)) == (1.0, 1.0)
+
+    def test_precision_and_recall_tell_unrealistic_from_undiverse(self):
+        real = torch.from_numpy(blob_images(300, 3, 16, 16, seed=52))
+        collapsed = real[:5].repeat(60, 1, 1, 1)  # realistic, but only 5 distinct images: no variety
+        precision, recall = btvae.precision_recall(features_of(real), features_of(collapsed))
+        assert precision == 1.0 and recall < 0.2
+        precision, _ = btvae.precision_recall(features_of(real), features_of(real, 0.5))  # every pixel far off
+        assert precision < 0.1
+
+    def test_fid_measurer_caches_the_test_features_and_reuses_them(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(btvae, "make_fid_network", stand_in_network)
+        test = btvae.Split(torch.from_numpy(blob_images(100, 1, 16, 16, seed=51)))
+        cfg = config("--cache-dir", tmp_path / "cache", "--fid-samples", 100, "--image-size", 32, "--fid-2048")
+        fake = lambda n: torch.rand(n, 1, 16, 16)  # noqa: E731
+        torch.manual_seed(0)
+        first = btvae.fid_measurer(test, cfg, torch.device("cpu"))(fake, "_x")
+        assert set(first) == {"fid_x", "fid_2048_x", "precision_2048_x", "recall_2048_x", "fid_x_seconds"}
+        cached = list((tmp_path / "cache").glob("inception_real_mnist_32px_n100_layers64+2048_default_*.pt"))
+        assert len(cached) == 1 and [f.shape for f in torch.load(cached[0])] == [(100, 6), (100, 12)]
+        torch.manual_seed(0)  # the same fake images; garbage test images, which a cache hit never looks at
+        garbage = btvae.Split(torch.zeros_like(test.images))
+        second = btvae.fid_measurer(garbage, cfg, torch.device("cpu"))(fake, "_x")
+        assert {k: v for k, v in second.items() if k != "fid_x_seconds"} == \
+            {k: v for k, v in first.items() if k != "fid_x_seconds"}
+
+    def test_fid_measurer_measures_fid_64_in_the_first_layer_and_the_rest_in_the_2048_d_one(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(btvae, "make_fid_network", stand_in_network)
+        real = torch.from_numpy(blob_images(120, 3, 16, 16, seed=56))
+        fake = (torch.from_numpy(blob_images(120, 3, 16, 16, seed=57)).int() * 3 // 4).to(torch.uint8)  # a little dimmer
+        cfg = config("--cache-dir", tmp_path, "--fid-samples", 120, "--image-size", 32, "--fid-2048")
+        measured = btvae.fid_measurer(btvae.Split(real), cfg, torch.device("cpu"))(replay(fake), "")
+        assert measured["fid"] == btvae.frechet_distance(features_of(real), features_of(fake))
+        assert measured["fid_2048"] == btvae.frechet_distance(features_of(real, layer=1), features_of(fake, layer=1))
+        precision, recall = btvae.precision_recall(features_of(real, layer=1), features_of(fake, layer=1))
+        assert (measured["precision_2048"], measured["recall_2048"]) == (precision, recall)
+        assert 0 < recall < precision < 1  # a case that tells the two apart, and this layer's answer from the first one's
+        assert btvae.precision_recall(features_of(real), features_of(fake)) != (precision, recall)
+
+    def test_fid_measurer_without_fid_2048_asks_for_the_64_d_layer_alone(self, tmp_path, monkeypatch):
+        asked = []
+        monkeypatch.setattr(btvae, "make_fid_network", lambda features, weights: asked.append(features) or StandInFeatures(1))
+        real = torch.from_numpy(blob_images(60, 3, 16, 16, seed=58))
+        cfg = config("--cache-dir", tmp_path, "--fid-samples", 60, "--image-size", 32)
+        measured = btvae.fid_measurer(btvae.Split(real), cfg, torch.device("cpu"))(replay(real // 2), "_gmm")
+        assert asked == [(64,)] and measured["fid_gmm"] > 0
+        assert measured["fid_2048_gmm"] is measured["precision_2048_gmm"] is measured["recall_2048_gmm"] is None
+        cfg.fid_2048 = True
+        btvae.fid_measurer(btvae.Split(real), cfg, torch.device("cpu"))
+        assert asked[1] == (64, 2048)
+
+    def test_fid_without_reachable_weights_is_unavailable_not_a_crash(self, tmp_path, monkeypatch):
+        import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+        def offline(*args, **kwargs):
+            raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+        monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+        with pytest.raises(btvae.FIDUnavailable, match="--fid-weights"):
+            btvae.make_fid_network((64,))
+
+
+    # ---------------------------------------------------------------------------
+    # 8. Latent space: each metric on a case whose answer is known
+    # ---------------------------------------------------------------------------
+
+    def test_active_units_count_dimensions_whose_mean_varies_more_than_the_threshold(self):
+        torch.manual_seed(11)
+        base = torch.randn(4000, 1)
+        base = (base - base.mean()) / base.std()  # sample variance exactly 1
+        variances = torch.tensor([0.0, 0.0099, 0.0101, 1.0, 25.0])
+        mu = base * variances.sqrt() + torch.arange(5.0) * 10  # offsets do not count, only variation across images
+        assert btvae.active_units(mu) == 3
+
+    def test_an_encoder_whose_mean_uses_k_of_d_dimensions_has_k_active_units(self):
+        model, x = small_model_and_batch()
+        k = 2
+        with torch.no_grad():
+            model.to_mu.weight[k:] = 0  # dimensions k.. ignore the image: their mean is the bias for every image
+            model.to_mu.weight[:k] *= 100  # the first k vary well above the threshold
+        images = btvae.to_uint8(torch.rand(64, 1, 16, 16))
+        assert btvae.active_units(btvae.encode_split(model, images, torch.device("cpu"))) == k
+
+    def test_latent_correlation_is_near_zero_for_independent_and_near_one_for_duplicated_features(self):
+        torch.manual_seed(12)
+        independent = torch.randn(20000, 6)
+        assert btvae.latent_correlation(independent) < 0.02
+        duplicated = torch.randn(20000, 1).repeat(1, 6) * torch.tensor([1, -1, 2, -3, 0.5, 1])  # some anti-correlated
+        assert btvae.latent_correlation(duplicated) > 0.999
+        assert btvae.latent_correlation(torch.randn(100, 1)) is None  # no pairs in one dimension
+
+    def test_latent_correlation_is_the_mean_absolute_off_diagonal_pearson_correlation(self):
+        torch.manual_seed(13)
+        mu = torch.randn(3000, 4) @ torch.randn(4, 4)  # correlated dimensions, some negatively
+        pearson = np.corrcoef(mu.double().numpy(), rowvar=False)
+        expected = np.abs(pearson[~np.eye(4, dtype=bool)]).mean()
+        assert btvae.latent_correlation(mu) == pytest.approx(expected, rel=1e-4)  # eps = 1e-5 on unit-size variances
+
+    def test_twin_correlation_is_one_for_identical_twins_and_averages_every_pair(self):
+        torch.manual_seed(14)
+        z = torch.randn(500, 4)
+        assert btvae.twin_correlation([(z, z)]) == pytest.approx(1, abs=1e-4)
+        assert btvae.twin_correlation([(z, z * torch.tensor([1, 1, -1, -1]))]) == pytest.approx(0, abs=1e-4)
+        assert btvae.twin_correlation([(z, z), (z, -z)]) == pytest.approx(0, abs=1e-4)  # mean over both pairs' diagonals
+        unrelated = btvae.twin_correlation([(z, torch.randn(500, 4))])
+        assert abs(unrelated) < 0.15
+
+    @pytest.mark.parametrize("bt_on", ["mu", "z", "mu+logvar"])
+    def test_the_measured_twins_are_the_pairs_the_objective_compares(self, bt_on):
+        model, _ = small_model_and_batch()
+        images = btvae.to_uint8(torch.rand(30, 1, 16, 16))
+        torch.manual_seed(15)
+        mu, pairs = btvae.encode_split(model, images, torch.device("cpu"), bt_on)
+        torch.manual_seed(15)
+        x = btvae.to_model_range(images)
+        with torch.no_grad():
+            mu_expected, logvar = model.encode(x)
+            z = btvae.reparameterise(mu_expected, logvar)
+            expected = btvae.twins(model, mu_expected, logvar, z, model.decode(z), bt_on)
+        assert torch.equal(mu, mu_expected) and len(pairs) == len(expected)
+        for (a, b), (a_expected, b_expected) in zip(pairs, expected):
+            assert torch.equal(a, a_expected) and torch.equal(b, b_expected)
+
+    def test_linear_probe_reads_separable_labels_and_not_shuffled_ones(self):
+        torch.manual_seed(16)
+        labels = torch.arange(2000) % 10
+        centres = torch.randn(10, 8) * 5
+        features = centres[labels] + torch.randn(2000, 8)
+        train, test = slice(0, 1500), slice(1500, 2000)
+        assert btvae.probe_accuracy(features[train], labels[train], features[test], labels[test]) > 0.98
+        shuffled = labels[torch.randperm(2000)]
+        assert btvae.probe_accuracy(features[train], shuffled[train], features[test], shuffled[test]) < 0.2
+        renamed = (labels + 1) % 10  # the test split names every cluster differently: a probe fitted on train misses all
+        assert btvae.probe_accuracy(features[train], labels[train], features[test], renamed[test]) < 0.05
+        assert btvae.probe_accuracy(features[train], None, features[test], None) is None  # no labels (CelebA)
+        same = torch.zeros(1500, dtype=torch.long)
+        assert btvae.probe_accuracy(features[train], same, features[test], labels[test]) is None  # one class
+
+    def test_mixture_fitted_to_two_clusters_finds_their_means_weights_and_covariances(self):
+        points, means, covariance = two_clusters()
+        mixture = btvae.LatentMixture(points, seed=0, components=2)
+        order = mixture.means[:, 0].argsort()
+        assert torch.allclose(mixture.means[order].float(), means, atol=0.15)
+        assert torch.allclose(mixture.weights[order].float(), torch.tensor([0.75, 0.25]), atol=0.03)
+        for k in range(2):
+            assert torch.allclose((mixture.cholesky[k] @ mixture.cholesky[k].T).float(), covariance, atol=0.2)
+
+    def test_mixture_samples_follow_the_fitted_mixture(self):
+        points, means, covariance = two_clusters()
+        mixture = btvae.LatentMixture(points, seed=0, components=2)
+        samples = mixture.sample(20000, torch.Generator().manual_seed(1))
+        assert samples.dtype == torch.float32 and samples.shape == (20000, 2)
+        right = samples[:, 0] > 0
+        assert right.float().mean().item() == pytest.approx(0.25, abs=0.015)  # the weights pick the components
+        for side, mean in ((~right, means[0]), (right, means[1])):
+            assert torch.allclose(samples[side].mean(0), mean, atol=0.1)
+            assert torch.allclose(torch.cov(samples[side].T), covariance, atol=0.15)  # L eps, not L^T eps
+        again = mixture.sample(20000, torch.Generator().manual_seed(1))
+        assert torch.equal(samples, again)  # seeded: runs stay deterministic
+
+    def test_mixture_fit_is_deterministic_for_a_seed_and_caps_components_at_the_points(self):
+        points, _, _ = two_clusters(400)
+        first, second = btvae.LatentMixture(points, seed=3), btvae.LatentMixture(points, seed=3)
+        assert len(first.weights) == btvae.MIXTURE_COMPONENTS and torch.equal(first.means, second.means)
+        assert len(btvae.LatentMixture(points[:4], seed=0).weights) == 4
+
+    def test_encode_split_encodes_every_image_in_evaluation_mode(self):
+        model, _ = small_model_and_batch()
+        model.train()  # as training leaves it
+        images = btvae.to_uint8(torch.rand(1100, 1, 16, 16))  # three passes of ENCODE_BATCH
+        mu = btvae.encode_split(model, images, torch.device("cpu"))
+        model.eval()
+        with torch.no_grad():
+            expected = model.encode(btvae.to_model_range(images))[0]
+        assert mu.shape == (1100, 6) and torch.allclose(mu, expected, atol=1e-6)
+
+    def test_latent_measurements_are_of_the_test_images_and_the_figures_data(self):
+        model, _ = small_model_and_batch()
+        with torch.no_grad():
+            model.to_mu.weight.mul_(100)  # means that vary across images, well above the active-unit threshold
+        train = btvae.Split(torch.zeros(60, 1, 16, 16, dtype=torch.uint8), torch.arange(60) % 3)  # all alike
+        test = btvae.Split(btvae.to_uint8(torch.rand(40, 1, 16, 16)), torch.arange(40) % 3)
+        metrics, figures, train_mu = btvae.measure_latent_space(model, train, test, "mu", torch.device("cpu"))
+        test_mu = btvae.encode_split(model, test.images, torch.device("cpu"))
+        assert torch.equal(train_mu, btvae.encode_split(model, train.images, torch.device("cpu")))
+        assert metrics["active_units"] == btvae.active_units(test_mu) > btvae.active_units(train_mu) == 0
+        assert metrics["latent_correlation"] == btvae.latent_correlation(test_mu)
+        assert metrics["probe_accuracy"] == btvae.probe_accuracy(train_mu, train.labels, test_mu, test.labels)
+        assert -1 <= metrics["twin_correlation"] <= 1
+        assert torch.equal(figures["mu_variance"], test_mu.var(dim=0))
+        assert torch.equal(figures["mu_correlation"], btvae.cross_correlation(test_mu, test_mu))
+        assert "test_mu" not in figures  # 6-d: not kept whole
+        model2 = btvae.ConvVAE(1, 16, (8, 16), latent_dim=2)
+        _, figures2, _ = btvae.measure_latent_space(model2, train, test, "mu", torch.device("cpu"))
+        assert figures2["test_mu"].shape == (40, 2) and torch.equal(figures2["test_labels"], test.labels)
+
+    def test_generate_decodes_mixture_samples_drawn_with_the_generator(self):
+        model, _ = small_model_and_batch()
+        decoded = []
+        model.decode = lambda z: decoded.append(z) or z  # see the z that generate decodes
+        points, _, _ = two_clusters()
+        mixture = btvae.LatentMixture(torch.cat([points, points, points], dim=1), seed=0, components=2)
+        btvae.generate(model, 50, torch.Generator().manual_seed(3), torch.device("cpu"), mixture)
+        assert torch.equal(decoded[-1], mixture.sample(50, torch.Generator().manual_seed(3)))
+
+
+# =============================================================================
+# The harness: the command line end to end, bad input, checkpoints and --resume, --evaluate, speed settings,
+# and tools/report.py and run_all.sh on fabricated runs
+# =============================================================================
+
+
+# ---------------------------------------------------------------------------
+# The command line, end to end, on fabricated data
+# ---------------------------------------------------------------------------
+
+MEASURED_OUTPUTS = {"config.json", "metrics.json", "samples.png", "samples_gmm.png", "reconstructions.png", "latent.pt"}
+
+
+EXPECTED_OUTPUTS = MEASURED_OUTPUTS | {"history.csv", "model.pt", "checkpoint.pt"}
+
+
+MEASUREMENTS = {"fid", "fid_2048", "precision_2048", "recall_2048", "fid_seconds", "fid_samples", "active_units",
+                "latent_correlation", "twin_correlation", "probe_accuracy", "pixel_probe_accuracy", "latent_seconds",
+                "mixture_fit_seconds", "fid_gmm", "fid_2048_gmm", "precision_2048_gmm", "recall_2048_gmm",
+                "fid_gmm_seconds"}
+
+
+TRAINING_SUMMARY = {"best_val_loss", "best_epoch", "epochs_trained", "stopped_early", "train_seconds",
+                    "images_per_second"}
+
+
+EXPECTED_METRICS = MEASUREMENTS | TRAINING_SUMMARY
+
+
+def run_cli(*argv, cwd=HERE):
+    return subprocess.run([sys.executable, str(HERE / "btvae.py"), *map(str, argv)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_command_line_end_to_end(tmp_path):
+    make_mnist(tmp_path / "data")
+    result = run_cli("--dataset", "mnist", "--epochs", "2", "--fid-samples", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "runs" / "mnist_lam2=0.025_seed0"  # the default --out
+    assert {p.name for p in out.iterdir()} == EXPECTED_OUTPUTS
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert EXPECTED_METRICS == set(metrics) and metrics["fid"] is None and metrics["epochs_trained"] == 2
+    assert metrics["images_per_second"] > 0 and math.isfinite(metrics["best_val_loss"])
+    settings = json.loads((out / "config.json").read_text())
+    assert settings["lam2"] == 0.025 and settings["versions"]["torch"] == torch.__version__
+    assert settings["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2 or AVX512
+    assert len((out / "history.csv").read_text().splitlines()) == 3
+    assert "epoch   2/2" in result.stdout
+
+
+def test_run_with_fid_and_a_reloadable_model(tmp_path, monkeypatch, capsys):
+    make_mnist(tmp_path)
+    monkeypatch.setattr(btvae, "make_fid_network", stand_in_network)
+    out = tmp_path / "run"
+    btvae.main(["--data-dir", str(tmp_path), "--lam2", "0", "--epochs", "2", "--fid-samples", "40", "--out", str(out),
+                "--precision", "bf16", "--fid-2048"])
+    assert json.loads((out / "config.json").read_text())["mixed_precision_bf16"] is True
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert EXPECTED_METRICS == set(metrics)
+    assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0 and metrics["fid_seconds"] >= 0
+    assert math.isfinite(metrics["fid_2048_gmm"]) and metrics["fid_2048_gmm"] != metrics["fid_gmm"]
+    assert all(0 <= metrics[f"{name}_2048{sampler}"] <= 1 for name in ("precision", "recall") for sampler in ("", "_gmm"))
+    assert "FID-64 over 40 samples" in capsys.readouterr().out
+    assert any((tmp_path / "btvae_cache").glob("inception_real_mnist_32px_n40_layers64+2048_*.pt"))
+    history = [line.split(",") for line in (out / "history.csv").read_text().splitlines()]
+    val_losses = [float(row[history[0].index("val_loss")]) for row in history[1:]]
+    assert metrics["best_epoch"] == 1 + val_losses.index(min(val_losses))
+    model = btvae.load_model(out / "model.pt")
+    assert model.architecture == {"channels": 1, "image_size": 32, "hidden_dims": (16, 32, 64, 128, 256), "latent_dim": 128}
+
+
+def test_run_finishes_with_fid_null_when_the_fid_network_is_unavailable(tmp_path, monkeypatch, capsys):
+    make_mnist(tmp_path)
+
+    def unavailable(features, weights):
+        raise btvae.FIDUnavailable("no network; pass --fid-weights with a local copy")
+    monkeypatch.setattr(btvae, "make_fid_network", unavailable)
+    btvae.main(["--data-dir", str(tmp_path), "--epochs", "1", "--fid-samples", "20", "--out", str(tmp_path / "run")])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["fid"] is None
+    lines = [line for line in capsys.readouterr().out.splitlines() if "FID" in line]
+    assert len(lines) == 1 and "null" in lines[0]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_best_weights(tmp_path, monkeypatch, capsys):
+    make_mnist(tmp_path)
+    real_kl, calls = btvae.kl_to_standard_normal, []
+
+    def kl_that_breaks_in_epoch_two(mu, logvar):  # 3 training + 1 validation batches per epoch
+        calls.append(1)
+        return real_kl(mu, logvar) * (math.nan if len(calls) > 4 else 1)
+    monkeypatch.setattr(btvae, "kl_to_standard_normal", kl_that_breaks_in_epoch_two)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main(["--data-dir", str(tmp_path), "--epochs", "5", "--batch-size", "60", "--out", str(out)])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert "NaN" in error and "epoch 2" in error and len(error.strip().splitlines()) == 1
+    assert {p.name for p in out.iterdir()} == {"config.json", "history.csv", "model.pt", "checkpoint.pt"}
+    assert len(torch.load(out / "checkpoint.pt", weights_only=True)["history"]) == 1  # epoch 1, before the NaN
+    model = btvae.load_model(out / "model.pt")
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line, exit status 2, nothing written
+# ---------------------------------------------------------------------------
+
+BAD_INPUT = {
+    "unknown dataset": (["--dataset", "imagenet"], "invalid choice"),
+    "unknown precision": (["--precision", "fp16"], "invalid choice"),
+    "lam2 not a number": (["--lam2", "abc"], "argument --lam2: must be a finite number"),
+    "lam2 nan": (["--lam2", "nan"], "argument --lam2: must be a finite number"),
+    "lam2 infinite": (["--lam2=-inf"], "argument --lam2: must be a finite number"),
+    "zero epochs": (["--epochs", "0"], "argument --epochs: must be at least 1"),
+    "negative epochs": (["--epochs", "-3"], "argument --epochs: must be at least 1"),
+    "zero batch size": (["--batch-size", "0"], "argument --batch-size: must be at least 2"),
+    "zero latent size": (["--latent-dim", "0"], "argument --latent-dim: must be at least 1"),
+    "negative fid samples": (["--fid-samples", "-1"], "argument --fid-samples: must be at least 0"),
+    "one fid sample": (["--fid-samples", "1"], "argument --fid-samples: must be 0 (skip FID) or at least 2"),
+    "image size not divisible": (["--image-size", "48"], "not divisible by 2^5 = 32"),
+    "bad hidden dims": (["--hidden-dims", "16,x"], "argument --hidden-dims: must be comma-separated"),
+    "missing folder": (["--dataset", "folder", "--data-dir", "{tmp}/nowhere"], "is not a folder"),
+    "empty folder": (["--dataset", "folder", "--data-dir", "{tmp}/empty"], "has no images"),
+    "unreadable fid weights": (["--fid-weights", "{tmp}/garbage.pth"], "cannot be read as PyTorch weights"),
+    "missing fid weights": (["--fid-weights", "{tmp}/missing.pth"], "cannot be read as PyTorch weights"),
+    "out is a file": (["--out", "{tmp}/garbage.pth"], "--out {tmp}/garbage.pth is a file; name a folder"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+    argv, expected = BAD_INPUT[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "garbage.pth").write_bytes(b"these are not weights")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main(["--out", str(out)] + [a.format(tmp=tmp_path) for a in argv])  # a later --out wins
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.replace(str(tmp_path), "{tmp}")
+    assert len(error.strip().splitlines()) == 1 and error.startswith("btvae.py: error: ")
+    assert expected in error
+    assert not out.exists()
+
+
+def test_negative_lam2_is_accepted_for_the_ablation():
+    assert config("--lam2", "-0.00025").lam2 == -0.00025
+
+
+def test_bad_input_from_the_real_command_line_has_no_traceback(tmp_path):
+    result = run_cli("--lam2", "nan", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "btvae.py: error: argument --lam2: must be a finite number, got 'nan' (see --help)"]
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints, interruption and --resume
+# ---------------------------------------------------------------------------
+
+def test_each_epochs_records_are_written_as_it_ends(tmp_path, monkeypatch):
+    model = scripted_epochs(monkeypatch, [5.0, 4.0, 3.0, 3.5, 3.0, 3.2, 2.0])
+    cfg = config("--epochs", 50, "--patience", 3, "--out", tmp_path)
+    split = btvae.Split(NO_IMAGES)
+    summary = btvae.train_and_record(model, split, split, cfg, torch.device("cpu"), log=lambda _: None)
+    assert summary["epochs_trained"] == 6 and summary["stopped_early"]
+    assert summary["best_epoch"] == 3 and summary["best_val_loss"] == 3.0
+    assert torch.all(btvae.load_model(tmp_path / "model.pt").to_mu.bias == 3)
+    assert len((tmp_path / "history.csv").read_text().splitlines()) == 1 + 6
+    assert len(btvae.read_checkpoint(tmp_path / "checkpoint.pt", cfg).history) == 6
+
+
+TIMINGS = {"train_seconds", "train_loop_seconds", "images_per_second", "fid_seconds", "fid_gmm_seconds", "latent_seconds",
+           "mixture_fit_seconds", "elapsed_seconds"}
+
+
+RUN_ARGS = ["--epochs", "4", "--patience", "10", "--fid-samples", "40", "--batch-size", "60"]  # 3 + 1 batches an epoch
+
+
+def run_result(out):
+    """What must not depend on interruptions or on running twice: all but the timings, bit for bit."""
+    metrics = {k: v for k, v in json.loads((out / "metrics.json").read_text()).items() if k not in TIMINGS}
+    history = [{k: v for k, v in row.items() if k not in TIMINGS} for row in csv.DictReader(open(out / "history.csv"))]
+    weights = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    return metrics, history, weights, (out / "samples.png").read_bytes()
+
+
+def assert_same_result(a, b):
+    assert a[0] == b[0] and a[1] == b[1] and a[3] == b[3]
+    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+@pytest.fixture
+def mnist_with_stand_in_fid(tmp_path, monkeypatch):
+    make_mnist(tmp_path / "data")
+    monkeypatch.setattr(btvae, "make_fid_network", stand_in_network)
+    return ["--data-dir", str(tmp_path / "data"), *RUN_ARGS]
+
+
+def signal_during_loss_call(monkeypatch, call, signals=1):
+    """Send ourselves SIGINT (a real Ctrl-C) inside the given call of the loss, i.e. during a training step.
+
+    Returns the real loss function, to put back.
+    """
+    real_loss, calls = btvae.btvae_loss, []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(btvae, "btvae_loss", loss)
+    return real_loss
+
+
+def test_same_command_twice_gives_the_same_result(tmp_path, mnist_with_stand_in_fid):
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(tmp_path / "first")])
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(tmp_path / "second")])
+    assert_same_result(run_result(tmp_path / "first"), run_result(tmp_path / "second"))
+
+
+def test_ctrl_c_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys,
+                                                                       mnist_with_stand_in_fid):
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(tmp_path / "straight")])
+    out = tmp_path / "interrupted"
+    real_loss = signal_during_loss_call(monkeypatch, call=2 * 4 + 2)  # the second training step of epoch 3
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
+    assert exit_info.value.code == 130
+    error = capsys.readouterr().err
+    assert "stopping after this step" in error and f"--out {out} --resume" in error
+    assert not (out / "metrics.json").exists()
+    assert len(torch.load(out / "checkpoint.pt", weights_only=True)["history"]) == 2  # epoch 3 was abandoned
+
+    monkeypatch.setattr(btvae, "btvae_loss", real_loss)
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--resume"])
+    assert "resuming after epoch 2" in capsys.readouterr().out
+    assert_same_result(run_result(out), run_result(tmp_path / "straight"))
+
+
+def test_second_ctrl_c_stops_at_once_and_the_checkpoint_stays_usable(tmp_path, monkeypatch, capsys,
+                                                                     mnist_with_stand_in_fid):
+    out = tmp_path / "run"
+    signal_during_loss_call(monkeypatch, call=4 + 2, signals=2)
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
+    assert exit_info.value.code == 130 and "To continue" in capsys.readouterr().err
+    cfg = config(*mnist_with_stand_in_fid, "--out", out, "--resume")
+    assert len(btvae.read_checkpoint(out / "checkpoint.pt", cfg).history) == 1
+
+
+def test_a_kill_while_the_checkpoint_is_written_leaves_the_previous_one(tmp_path, monkeypatch,
+                                                                        mnist_with_stand_in_fid):
+    real_save, writes = torch.save, []
+
+    def save_killed_on_second_checkpoint(obj, path, *args, **kwargs):
+        if Path(path).name == "checkpoint.tmp":
+            writes.append(1)
+            if len(writes) == 2:
+                Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")
+                raise KeyboardInterrupt
+        return real_save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save_killed_on_second_checkpoint)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
+    monkeypatch.setattr(torch, "save", real_save)
+    checkpoint = btvae.read_checkpoint(out / "checkpoint.pt", config(*mnist_with_stand_in_fid, "--out", out))
+    assert len(checkpoint.history) == 1
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--resume"])
+    assert (out / "metrics.json").is_file()
+
+
+def test_a_real_sigterm_to_a_running_process_then_resume(tmp_path):
+    make_mnist(tmp_path / "data")
+    out = tmp_path / "run"
+    command = [sys.executable, str(HERE / "btvae.py"), "--data-dir", str(tmp_path / "data"), "--patience", "30",
+               "--fid-samples", "0", "--out", str(out)]
+    process = subprocess.Popen([*command, "--epochs", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == 130, error
+    assert "To continue:" in error and "--resume" in error
+    epochs_done = len(torch.load(out / "checkpoint.pt", weights_only=True)["history"])
+    assert 1 <= epochs_done < 30
+    refused = subprocess.run([*command, "--epochs", "40", "--resume"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--epochs 30 (now 40)" in refused.stderr  # other settings are refused...
+    resumed = subprocess.run([*command, "--epochs", "30", "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr  # ...the same ones continue
+    assert f"resuming after epoch {epochs_done}" in resumed.stdout and (out / "metrics.json").is_file()
+
+
+def test_resuming_a_finished_run_does_nothing_and_rerunning_it_is_refused(tmp_path, capsys, mnist_with_stand_in_fid):
+    out = tmp_path / "run"
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
+    written = (out / "metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--resume"])
+    assert "finished run: nothing to resume" in capsys.readouterr().out
+    assert (out / "metrics.json").stat().st_mtime_ns == written
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
+    assert exit_info.value.code == 2 and "add --resume to continue it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncated", "is not a readable btvae checkpoint"),
+    ("foreign", "is not a readable btvae checkpoint (no early_stopping, history"),
+    ("without its shuffle state", "is not a readable btvae checkpoint (no shuffle_rng)"),
+    ("missing", "does not exist, so there is nothing to resume"),
+])
+def test_unusable_checkpoints_are_one_line_errors(damage, expected, tmp_path, capsys, mnist_with_stand_in_fid):
+    out = tmp_path / "run"
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--epochs", "1"])
+    (out / "metrics.json").unlink()
+    checkpoint = out / "checkpoint.pt"
+    if damage == "truncated":
+        checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    elif damage == "foreign":
+        torch.save({"settings": {}, "model": {}, "optimiser": {}, "torch_rng": torch.get_rng_state()}, checkpoint)
+    elif damage == "without its shuffle state":
+        saved = torch.load(checkpoint, weights_only=True)
+        del saved["shuffle_rng"]
+        torch.save(saved, checkpoint)
+    else:
+        checkpoint.unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--epochs", "1", "--resume"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1 and expected in error
+
+
+def test_files_from_before_delta_was_named_so_still_resume_and_evaluate(tmp_path, mnist_with_stand_in_fid):
+    out = tmp_path / "run"
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--epochs", "2", "--delta", "0.01"])
+    (out / "metrics.json").unlink()
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint["settings"]["bt_offdiag"] = checkpoint["settings"].pop("delta")  # as btvae.py wrote it then
+    checkpoint["history"], checkpoint["finished"] = checkpoint["history"][:1], False  # interrupted after epoch 1
+    torch.save(checkpoint, out / "checkpoint.pt")
+    model = torch.load(out / "model.pt", weights_only=True)
+    model["config"]["bt_offdiag"] = model["config"].pop("delta")
+    torch.save(model, tmp_path / "old_model.pt")
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--epochs", "2", "--bt-offdiag", "0.01", "--resume"])
+    assert json.loads((out / "metrics.json").read_text())["epochs_trained"] == 2
+    assert config("--evaluate", tmp_path / "old_model.pt", "--data-dir", mnist_with_stand_in_fid[1]).delta == 0.01
+
+
+def test_out_of_memory_is_one_line_saying_what_to_make_smaller(tmp_path, capsys):
+    make_mnist(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:  # a linear layer of 256 x 10^12 floats: far beyond any machine
+        btvae.main(["--data-dir", str(tmp_path), "--latent-dim", str(10**12), "--out", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and len(error.strip().splitlines()) == 1
+    assert error.startswith("btvae.py: out of memory") and "smaller --batch-size or --latent-dim" in error
+
+
+def test_model_file_from_another_architecture_is_a_usage_error(tmp_path):
+    path = tmp_path / "model.pt"
+    btvae.save_model(btvae.ConvVAE(1, 32, latent_dim=8), config(), path)
+    saved = torch.load(path, weights_only=True)
+    saved["architecture"]["latent_dim"] = 2  # weights of one architecture, labelled as another
+    torch.save(saved, path)
+    with pytest.raises(btvae.UsageError, match="do not fit its architecture"):
+        btvae.load_model(path)
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    batches = [1, 2, 3]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert btvae.progress(batches, "train") is batches
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = btvae.progress(batches, "train")
+    assert list(bar) == batches and type(bar).__name__ == "tqdm"
+
+
+# ---------------------------------------------------------------------------
+# --evaluate: measure a saved model without training
+# ---------------------------------------------------------------------------
+
+def test_evaluate_measures_a_saved_model_exactly_as_its_run_did(tmp_path, capsys, mnist_with_stand_in_fid):
+    run = tmp_path / "run"
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(run)])
+    data_dir = mnist_with_stand_in_fid[1]
+    evaluation = tmp_path / "evaluation"
+    btvae.main(["--evaluate", str(run / "model.pt"), "--data-dir", data_dir, "--fid-samples", "40",
+                "--out", str(evaluation)])
+    assert {p.name for p in evaluation.iterdir()} == MEASURED_OUTPUTS  # no training: no history, no checkpoint
+    trained = json.loads((run / "metrics.json").read_text())
+    measured = json.loads((evaluation / "metrics.json").read_text())
+    assert set(measured) == MEASUREMENTS
+    assert {k: v for k, v in measured.items() if k not in TIMINGS} == \
+        {k: v for k, v in trained.items() if k in MEASUREMENTS and k not in TIMINGS}
+    assert measured["fid"] is not None and measured["probe_accuracy"] is not None
+    for name in ("samples.png", "samples_gmm.png", "reconstructions.png"):
+        assert (evaluation / name).read_bytes() == (run / name).read_bytes()
+    settings = json.loads((evaluation / "config.json").read_text())
+    assert settings["evaluate"] == str(run / "model.pt") and settings["epochs"] == 4 and settings["batch_size"] == 60
+    assert "evaluating" in capsys.readouterr().out
+
+
+def test_evaluate_takes_the_models_settings_and_its_default_out(tmp_path, monkeypatch):
+    make_mnist(tmp_path / "data")
+    path = tmp_path / "model.pt"
+    trained_with = config("--lam2", 0.25, "--seed", 3, "--subset", 50, "--bt-on", "z", "--latent-dim", 4)
+    btvae.save_model(btvae.ConvVAE(1, 32, latent_dim=4), trained_with, path)
+    cfg = config("--evaluate", path, "--data-dir", tmp_path / "data")
+    assert (cfg.lam2, cfg.seed, cfg.subset, cfg.bt_on, cfg.latent_dim) == (0.25, 3, 50, "z", 4)
+    assert cfg.out == Path("runs/evaluate/mnist_lam2=0.25_seed3")
+    given = config("--evaluate", path, "--data-dir", tmp_path / "data", "--seed", 5, "--bt-on", "mu", "--subset", 20)
+    assert (given.seed, given.bt_on, given.subset, given.lam2) == (5, "mu", 20, 0.25)
+
+
+def evaluate_bad_input(tmp_path, damage):
+    """A model.pt damaged in one way, and the flags that evaluate it."""
+    make_mnist(tmp_path / "data")
+    path = tmp_path / "model.pt"
+    btvae.save_model(btvae.ConvVAE(1, 32, latent_dim=8), config("--latent-dim", 8), path)
+    argv = ["--evaluate", str(path), "--data-dir", str(tmp_path / "data"), "--fid-samples", "0",
+            "--out", str(tmp_path / "out")]
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:3000])
+    elif damage == "missing":
+        path.unlink()
+    elif damage == "foreign":
+        torch.save({"settings": {}, "model": {}}, path)  # a checkpoint.pt, say
+    elif damage == "another architecture":
+        saved = torch.load(path, weights_only=True)
+        saved["architecture"]["hidden_dims"] = (8, 16, 32, 64, 128)
+        torch.save(saved, path)
+    elif damage == "training flag":
+        argv += ["--lam2", "0.5", "--epochs=3"]
+    elif damage == "other data set":
+        argv += ["--dataset", "cifar10"]
+    elif damage == "out holds results":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "metrics.json").write_text("{}")
+    return argv
+
+
+EVALUATE_BAD_INPUT = {
+    "truncated": "is not a btvae.py model.pt",
+    "missing": "is not a btvae.py model.pt",
+    "foreign": "is not a btvae.py model.pt (no architecture, config, state_dict)",
+    "another architecture": "its weights do not fit its architecture",
+    "training flag": "--lam2, --epochs cannot be used with --evaluate",
+    "other data set": "was trained on 1-channel images, and --dataset cifar10 has 3; pass the data set it was "
+                      "trained on (--dataset mnist)",
+    "out holds results": "already holds results; choose another --out",
+}
+
+
+@pytest.mark.parametrize("damage", EVALUATE_BAD_INPUT, ids=list(EVALUATE_BAD_INPUT))
+def test_evaluate_bad_input_is_one_line_exit_2_and_writes_nothing(damage, tmp_path, capsys):
+    argv = evaluate_bad_input(tmp_path, damage)
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1 and EVALUATE_BAD_INPUT[damage] in error
+    out = tmp_path / "out"
+    assert not out.exists() or [p.name for p in out.iterdir()] == ["metrics.json"]
+
+
+# The pretrained models (README, "Pretrained models"): the median-FID seed of the full-budget MNIST sweep.
+PRETRAINED = {"mnist_vae.pt": 0.0, "mnist_btvae_0.025.pt": 0.025}  # file in pretrained/: its lambda2
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_pretrained_model_loads_and_decodes_digit_like_images(name):
+    path = HERE / "pretrained" / name
+    assert btvae.read_model_file(path)["config"]["lam2"] == PRETRAINED[name]
+    model = btvae.load_model(path)
+    assert model.architecture == dict(channels=1, image_size=32, hidden_dims=(16, 32, 64, 128, 256), latent_dim=128)
+    images = btvae.generate(model, 64, torch.Generator().manual_seed(0), torch.device("cpu"))
+    # MNIST's look: a black background with a few bright strokes (an untrained decoder gives a uniform grey).
+    assert 0.05 < images.mean() < 0.2 and 0.04 < (images > 0.5).float().mean() < 0.2
+
+
+# ---------------------------------------------------------------------------
+# Speed settings that leave the method unchanged
+# ---------------------------------------------------------------------------
+
+def test_mixed_precision_changes_arithmetic_not_interfaces():
+    model, x = small_model_and_batch(channels=3)
+    model.eval()
+    mu, logvar = model.encode(x)
+    btvae.run_in_bfloat16(model, torch.device("cpu"))
+    mu_bf16, logvar_bf16 = model.encode(x)
+    recon_bf16 = model.decode(mu_bf16)
+    assert mu_bf16.dtype == logvar_bf16.dtype == recon_bf16.dtype == torch.float32  # the losses see float32
+    assert not torch.equal(mu, mu_bf16)  # bfloat16 really was used inside
+    assert torch.allclose(mu, mu_bf16, atol=0.05, rtol=0.05)
+
+
+def test_speed_settings_keep_the_model_the_same_function():
+    model, x = small_model_and_batch()
+    model.eval()
+    reference = model.decode(model.encode(x)[0])
+    btvae.prepare_for_speed(model, [], torch.device("cpu"), bf16=False)
+    assert model.encoder[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(model.decode(model.encode(x)[0]), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision, expected", [("fp32", False), ("bf16", True)])
+def test_precision_flag_sets_mixed_precision(precision, expected):
+    model, x = small_model_and_batch()
+    assert btvae.use_bf16(precision, torch.device("cpu")) is expected
+    model.eval()
+    reference = model.decode(model.encode(x)[0])
+    btvae.prepare_for_speed(model, [], torch.device("cpu"), bf16=expected)
+    difference = (model.decode(model.encode(x)[0]) - reference).abs().max()
+    assert bool(difference > 1e-4) is expected  # bfloat16 changes the arithmetic; channels_last alone only rounds
+
+
+ALLOCATE_AND_FREE = """
+import resource, torch, btvae
+btvae.keep_freed_memory()
+def step():  # activations of 4-16 MB, alive together and then freed, as in a training step
+    return [torch.ones(2**20 * (1 + i % 4)) for i in range(8)]
+for _ in range(3):  # the heap grows to the steps' peak once
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION")), reason="glibc only")
+def test_keep_freed_memory_reuses_freed_activations_without_page_faults():
+    # A fresh process, as the setting is process-wide. Ten steps write 10 x 80 MB = 200,000 pages of 4 KB;
+    # every page glibc handed back to the kernel would fault in again (glibc's default usually does that here).
+    finished = subprocess.run([sys.executable, "-c", ALLOCATE_AND_FREE], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True)
+    assert int(finished.stdout) < 2_000  # under 1% of the pages written: the memory was reused
+
+
+# ---------------------------------------------------------------------------
+# report.py and run_all.sh: the sweep's tables and figures
+# ---------------------------------------------------------------------------
+
+def fabricate_run(runs_dir, dataset, lam2, seed, fid, latent_dim=128, data_dir="data", epochs=7, prefix="",
+                  latent=None, val_bt=None):
+    """A finished run's small files, as btvae.py writes them; `latent` overrides latent metrics, `val_bt` gives
+    the validation BT term of each epoch (the training one is 1)."""
+    folder = runs_dir / f"{prefix}{dataset}_lam2={lam2:g}_seed{seed}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "dataset": dataset, "lam2": lam2, "lam1": 0.1, "seed": seed, "latent_dim": latent_dim,
+        "data_dir": str(data_dir), "cache_dir": str(Path(data_dir) / "btvae_cache"), "image_size": 32}))
+    if fid is None:
+        return folder
+    measured = {"fid": fid, "fid_gmm": fid / 2, "precision": 0.5 + seed / 100, "recall": 0.4, "active_units": 10,
+                "latent_correlation": 0.2, "twin_correlation": 0.9, "probe_accuracy": 0.95, "pixel_probe_accuracy": 0.9,
+                **(latent or {})}
+    (folder / "metrics.json").write_text(json.dumps({**measured, "epochs_trained": epochs, "stopped_early": False}))
+    for name in ("samples.png", "samples_gmm.png"):
+        torchvision.utils.save_image(torch.rand(4, 1, 32, 32), folder / name, nrow=2)
+    mu = torch.randn(50, latent_dim)
+    figures = {"mu_variance": mu.var(0), "mu_correlation": btvae.cross_correlation(mu, mu)}
+    if latent_dim <= 2:
+        figures.update(test_mu=mu, test_labels=torch.arange(50) % 10)
+    torch.save(figures, folder / "latent.pt")
+    val_bt = val_bt or [1.0] * epochs
+    rows = [{"epoch": e + 1, "train_loss": 1.0, "train_recon": 0.5, "train_kl": 1.0, "train_bt": 1.0,
+             "val_loss": 0.6 - 0.01 * e + 0.1 + lam2 * val_bt[e], "val_recon": 0.6 - 0.01 * e, "val_kl": 1.0,
+             "val_bt": val_bt[e]} for e in range(epochs)]
+    btvae.write_csv(rows, folder / "history.csv")
+    return folder
+
+
+def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, (vae, good, close) in enumerate([(1.0, 0.5, 0.98), (1.1, 0.52, 1.05), (0.9, 0.48, 1.0)]):
+        fabricate_run(runs, "mnist", 0.0, seed, vae)
+        fabricate_run(runs, "mnist", 0.025, seed, good, latent={"active_units": 128, "probe_accuracy": 0.8 + seed / 100})
+        fabricate_run(runs, "mnist", 0.25, seed, close, latent={"probe_accuracy": 0.945 + seed / 100})
+    (fabricate_run(runs, "mnist", -0.00025, 0, None) / "FAILED").write_text("exit status 1: btvae.py: stopped: NaN")
+    fabricate_run(runs, "mnist", -0.00025, 1, None)  # no metrics and no FAILED: interrupted
+    report.make_report(tmp_path)
+
+    rows = {float(r["lam2"]): r for r in csv.DictReader(open(tmp_path / "table1.csv"))}
+    assert float(rows[0.0]["fid_mean"]) == pytest.approx(1.0) and float(rows[0.0]["fid_std"]) == pytest.approx(0.1)
+    assert float(rows[0.0]["paper_fid"]) == 0.0187 and rows[0.0]["seeds"] == "0,1,2"
+    assert rows[0.025]["fid_versus_vae"] == "better than VAE beyond the seed spread"
+    assert rows[0.25]["fid_versus_vae"] == "within the seed spread of VAE"
+    assert "NaN" in rows[-0.00025]["failed"] and "interrupted" in rows[-0.00025]["failed"]
+    assert float(rows[0.025]["precision_mean"]) == pytest.approx(0.51)
+    assert float(rows[0.025]["fid_gmm_mean"]) == pytest.approx(0.25)
+    assert rows[0.025]["fid_gmm_versus_vae"] == "lower than VAE beyond the seed spread"
+    assert float(rows[0.025]["active_units_mean"]) == 128 and float(rows[0.025]["active_units_std"]) == 0
+    assert rows[0.025]["active_units_versus_vae"] == "higher than VAE beyond the seed spread"
+    assert rows[0.025]["probe_accuracy_versus_vae"] == "lower than VAE beyond the seed spread"
+    assert rows[0.25]["probe_accuracy_versus_vae"] == "within the seed spread of VAE"  # 0.955 ± 0.01 against 0.95 ± 0
+    assert rows[0.25]["twin_correlation_versus_vae"] == "within the seed spread of VAE"  # equal
+    assert float(rows[0.0]["pixel_probe_accuracy"]) == pytest.approx(0.9)
+    table = (tmp_path / "table1.md").read_text()
+    assert "| mnist | BTVAE | 0.025 | 0,1,2 | 0.5000 ± 0.0200 | 0.2500 ± 0.0100 **lower** |" in table
+    assert "| mnist | BTVAE | 0.025 | 0,1,2 | 128.0 ± 0.0 **higher** | 0.200 ± 0.000 | " in table
+    assert "| 0.900 ± 0.000 | 0.810 ± 0.010 **lower** | 0.900 |" in table
+
+    assert "REDUCED" not in table
+    for figure in ("figure2_mnist.png", "latent_mnist.png"):
+        assert (tmp_path / figure).is_file()
+
+
+def test_report_sets_the_full_budget_beside_the_reduced_one(tmp_path):
+    quick = tmp_path / "quick"
+    for seed in (0, 1):
+        fabricate_run(tmp_path / "runs", "mnist", 0.0, seed, 1.0 + seed / 10)
+        fabricate_run(quick / "runs", "mnist", 0.0, seed, 2.0 + seed / 10, epochs=3)
+        fabricate_run(quick / "runs", "mnist", 0.25, seed, 5.0 + seed / 10, epochs=3)  # not yet run at full budget
+    (quick / "BUDGET.txt").write_text("REDUCED BUDGET: at most 3 epochs")
+    report.make_report(tmp_path)
+
+    table = (tmp_path / "budgets.md").read_text()
+    assert "(quick/: REDUCED BUDGET: at most 3 epochs)" in table
+    assert "| metric | VAE | lambda2 = 0.25 |" in table
+    assert "| FID (prior) | 1.0500 ± 0.0707 / 2.0500 ± 0.0707 | - / 5.0500 ± 0.0707 **worse** |" in table
+    assert "| epochs trained | 7.0 ± 0.0 / 3.0 ± 0.0 | - / 3.0 ± 0.0 |" in table
+
+    (tmp_path / "budgets.md").unlink()
+    (tmp_path / "BUDGET.txt").write_text("REDUCED BUDGET: at most 5 epochs")  # two reduced budgets: no comparison
+    report.make_report(tmp_path)
+    assert not (tmp_path / "budgets.md").exists()
+
+
+def test_report_adds_up_what_each_run_cost(tmp_path):
+    parts = ["train_seconds", "latent_seconds", "fid_seconds", "mixture_fit_seconds", "fid_gmm_seconds"]
+    for seed, seconds in enumerate([(100, 1, 50, 5, 40), (200, 2, 60, 6, None)]):  # None: FID was skipped
+        metrics_file = fabricate_run(tmp_path / "runs", "mnist", 0.0, seed, 1.0) / "metrics.json"
+        metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()), **dict(zip(parts, seconds))}))
+    fabricate_run(tmp_path / "runs", "mnist", 0.025, 0, None)  # unfinished: not counted
+    report.make_report(tmp_path)
+
+    table = (tmp_path / "cost.md").read_text()
+    assert "| run | epochs | training | latent metrics | FID (prior) | mixture fit | FID (mixture) | total |" in table
+    assert "| mnist_lam2=0_seed0 | 7 | 100 | 1 | 50 | 5 | 40 | 196 |" in table
+    assert "| mnist_lam2=0_seed1 | 7 | 200 | 2 | 60 | 6 | - | 268 |" in table
+    assert "| all 2 runs | | 300 | 3 | 110 | 11 | 40 | 464 (0.1 hours) |" in table
+
+
+def test_report_measures_correlation_among_the_active_units_alone(tmp_path):
+    folder = fabricate_run(tmp_path / "runs", "mnist", 0.0, 0, 1.0, latent_dim=3)
+    correlation = torch.tensor([[1.0, 0.5, 0.9], [0.5, 1.0, -0.9], [0.9, -0.9, 1.0]])
+    torch.save({"mu_variance": torch.tensor([1.0, 2.0, 0.001]), "mu_correlation": correlation}, folder / "latent.pt")
+    assert report.active_correlation(folder) == pytest.approx(0.5)  # dimension 2 is inactive
+    [run] = report.read_runs(tmp_path / "runs")
+    assert run["metrics"]["active_correlation"] == pytest.approx(0.5)
+    (folder / "latent.pt").unlink()
+    assert report.active_correlation(folder) is None
+
+
+def test_report_makes_a_blind_pair_with_a_separate_stable_key(tmp_path):
+    for seed in (0, 1):
+        fabricate_run(tmp_path / "runs", "celeba", 0.0, seed, 1.2 + seed)
+        fabricate_run(tmp_path / "runs", "celeba", 0.25, seed, 0.9 + seed)
+    (tmp_path / "BUDGET.txt").write_text("REDUCED BUDGET (QUICK=1): at most 2 epochs")
+    report.make_report(tmp_path)
+    pair = tmp_path / "table2_celeba"
+    assert sorted(p.name for p in pair.iterdir()) == ["A.png", "B.png", "index.html"]
+    page = (pair / "index.html").read_text()
+    assert "Rank the more diverse group 1" in page and "REDUCED BUDGET" in page and "VAE" not in page
+    key = json.loads((tmp_path / "table2_celeba_key.json").read_text())
+    assert {key["A"]["model"], key["B"]["model"]} == {"VAE", "BTVAE"} and key["A"]["seed"] == key["B"]["seed"] == 0
+    shown = (pair / "A.png").read_bytes()
+    assert shown == (tmp_path / "runs" / key["A"]["run"] / "samples.png").read_bytes()
+    report.make_report(tmp_path)
+    assert json.loads((tmp_path / "table2_celeba_key.json").read_text()) == key  # remaking keeps the same order
+    assert "REDUCED BUDGET" in (tmp_path / "table1.md").read_text()
+
+
+def test_report_draws_figure3_from_the_runs_small_files_alone(tmp_path):
+    for lam2 in (0.0, 0.025):  # no model.pt and no data: latent.pt holds the 2-d test means and their labels
+        fabricate_run(tmp_path / "runs", "mnist", lam2, 0, 1.0, latent_dim=2, prefix="figure3_")
+    report.make_report(tmp_path)
+    assert (tmp_path / "figure3.png").is_file()
+
+
+def test_report_measures_how_the_validation_bt_term_drives_early_stopping(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        fabricate_run(runs, "mnist", 0.0, seed, 1.0, epochs=6)
+        # lambda2 = 1: a validation BT of 5 in epochs 4-6 (1 before) outweighs their better reconstructions
+        fabricate_run(runs, "mnist", 1.0, seed, 1.0, epochs=6, val_bt=[1, 1, 1, 5, 5, 5] if seed else [1] * 6)
+    report.make_report(tmp_path)
+    rows = {r["lam2"]: r for r in report.early_stopping_rows(report.read_runs(runs))}
+    assert rows[0.0]["best_epoch"] == rows[0.0]["elbo_best_epoch"] == 6 and rows[0.0]["different_epoch"] == 0
+    assert rows[0.0]["bt_share"] == 0 and rows[0.0]["bt_ratio_min"] is None and rows[0.0]["bt_ratio_max"] is None
+    assert rows[1.0]["best_epoch"] == (3 + 6) / 2 and rows[1.0]["elbo_best_epoch"] == 6
+    assert rows[1.0]["different_epoch"] == 1 and (rows[1.0]["bt_ratio_min"], rows[1.0]["bt_ratio_max"]) == (1, 5)
+    share_seed0 = 1 / (0.55 + 0.1 + 1)  # epoch 6 of seed 0: val_loss = recon 0.55 + lam1 KL 0.1 + BT 1
+    share_seed1 = 1 / (0.58 + 0.1 + 1)  # epoch 3 of seed 1
+    assert rows[1.0]["bt_share"] == pytest.approx((share_seed0 + share_seed1) / 2)
+    elbo_cost_seed1 = (0.58 + 0.1) / (0.55 + 0.1) - 1
+    assert rows[1.0]["elbo_cost"] == pytest.approx(elbo_cost_seed1 / 2)
+    table = (tmp_path / "early_stopping.md").read_text()
+    assert "| mnist | 1 | 2 | 6.0 | 0 | 4.5 | 6.0 | 1 | 2.3% | 60.1% | 1.00 to 5.0 |" in table
+
+
+def test_report_names_runs_that_predate_the_latent_measurements(tmp_path):
+    old = fabricate_run(tmp_path / "runs", "mnist", 0.0, 0, 1.0)
+    (old / "latent.pt").unlink()
+    [(folder, command)] = report.runs_without_latent_measurements(tmp_path)
+    assert folder == old and f"--evaluate {old / 'model.pt'}" in command
+
+
+def run_sweep(tmp_path, **knobs):
+    env = {**os.environ, "PYTHON": sys.executable, "DATA_DIR": str(tmp_path / "data"), "OUT": str(tmp_path / "results"),
+           "DATASETS": "mnist", "SEEDS": "0 1", "LAMBDAS": "0 0.025 nan", "EPOCHS": "1", "FID_SAMPLES": "0",
+           "JOBS": "2", **knobs}
+    return subprocess.run(["bash", str(HERE / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_run_all_end_to_end_resumes_and_carries_on_past_a_failing_run(tmp_path):
+    make_mnist(tmp_path / "data")
+    first = run_sweep(tmp_path)
+    assert first.returncode == 0, first.stderr
+    results = tmp_path / "results"
+    runs = sorted(p.name for p in (results / "runs").iterdir())
+    assert len(runs) == 8  # 3 lambdas x 2 seeds + Figure 3's two 2-d models
+    assert all((results / "runs" / name / "metrics.json").is_file() for name in runs if "nan" not in name)
+    failed = (results / "runs" / "mnist_lam2=nan_seed0" / "FAILED").read_text()
+    assert "exit status 2" in failed and "argument --lam2: must be a finite number" in failed
+    table = (results / "table1.md").read_text()
+    assert "| mnist | VAE | 0 | 0,1 |" in table and "argument --lam2: must be a finite number" in table
+    assert "REDUCED BUDGET" in table  # 1 epoch and no FID is not the paper's budget
+    assert (results / "figure3.png").is_file()
+    settings = json.loads((results / "runs" / "mnist_lam2=0_seed1" / "config.json").read_text())
+    assert settings["fid_2048"] is True  # FID_2048=1, the default: the sweep measures the 2048-d layer too
+
+    shutil.rmtree(results / "runs" / "mnist_lam2=0.025_seed1")  # never run
+    (results / "runs" / "mnist_lam2=0_seed0" / "metrics.json").unlink()  # interrupted after its last epoch
+    second = run_sweep(tmp_path)
+    assert second.returncode == 0, second.stderr
+    started = [line for line in second.stdout.splitlines() if line.startswith("start:")]
+    assert sorted(started) == ["start: mnist_lam2=0.025_seed1", "start: mnist_lam2=0_seed0",
+                               "start: mnist_lam2=nan_seed0", "start: mnist_lam2=nan_seed1"]
+    assert (results / "runs" / "mnist_lam2=0.025_seed1" / "metrics.json").is_file()
+    resumed_log = (results / "runs" / "mnist_lam2=0_seed0" / "log.txt").read_text()
+    assert "resuming after epoch 1 (training had finished)" in resumed_log
+    assert resumed_log.count("epoch   1/1 |") == 1  # the interrupted attempt's lines are kept
