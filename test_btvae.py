@@ -18,6 +18,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import struct
@@ -1569,6 +1570,49 @@ def test_keep_freed_memory_reuses_freed_activations_without_page_faults():
 # report.py and run_all.sh: the sweep's tables and figures
 # ---------------------------------------------------------------------------
 
+def welch_p_value(a, b):
+    """Welch's t-test written out: t over the unequal-variance standard error, Welch-Satterthwaite's degrees
+    of freedom, two-sided."""
+    from scipy.stats import t
+    error_a, error_b = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    freedom = (error_a + error_b) ** 2 / (error_a ** 2 / (len(a) - 1) + error_b ** 2 / (len(b) - 1))
+    return float(2 * t.sf(abs(np.mean(a) - np.mean(b)) / math.sqrt(error_a + error_b), freedom))
+
+
+def test_the_readmes_reading_map_gives_each_sections_lines_in_btvae_py():
+    """README's table of btvae.py's sections: each row's line range starts at the section's header and ends
+    where the next section (or the method's end, the 'first reading' line) begins."""
+    source = (HERE / "btvae.py").read_text().splitlines()
+    headers = [number for number, line in enumerate(source, 1) if line.startswith("# ====")
+               and number < len(source) and re.match(r"# (\d\. |What the experiments share)", source[number])]
+    method_ends = next(n for n, line in enumerate(source, 1) if "A FIRST READING CAN STOP HERE" in line) - 2
+    expected = [(source[start].removeprefix("# ").split(" (")[0].split(":")[0], start, end)
+                for start, end in zip(headers, [h - 1 for h in headers[1:]] + [method_ends])]
+    readme = (HERE / "README.md").read_text().split("## Reading `btvae.py`")[1].split("\n## ")[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in readme.splitlines()
+            if line.startswith("| ") and re.search(r"\| \d+-\d+ \|$", line)]
+    assert [(row[0], *map(int, row[-1].split("-"))) for row in rows] == expected
+
+
+def github_anchors(markdown):
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.S), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("page", ["README.md", "results/README.md", "results/speed.md"])
+def test_every_relative_link_of_the_documentation_resolves(page):
+    path = HERE / page
+    for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+        if re.match(r"[a-z]+://", target):
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        assert linked.exists(), f"{page}: {target} names no file"
+        if anchor:
+            assert anchor in github_anchors(linked.read_text()), f"{page}: {target} names no heading of {file or page}"
+
+
 def fabricate_run(runs_dir, dataset, lam2, seed, fid, latent_dim=128, data_dir="data", epochs=7, prefix="",
                   latent=None, val_bt=None):
     """A finished run's small files, as btvae.py writes them; `latent` overrides latent metrics, `val_bt` gives
@@ -1580,7 +1624,9 @@ def fabricate_run(runs_dir, dataset, lam2, seed, fid, latent_dim=128, data_dir="
         "data_dir": str(data_dir), "cache_dir": str(Path(data_dir) / "btvae_cache"), "image_size": 32}))
     if fid is None:
         return folder
-    measured = {"fid": fid, "fid_gmm": fid / 2, "precision": 0.5 + seed / 100, "recall": 0.4, "active_units": 10,
+    measured = {"fid": fid, "fid_gmm": fid / 2, "fid_2048": 100 * fid, "fid_2048_gmm": 50 * fid,
+                "precision_2048": 0.5 + seed / 100, "recall_2048": 0.4, "precision_2048_gmm": 0.6, "recall_2048_gmm": 0.3,
+                "active_units": 10,
                 "latent_correlation": 0.2, "twin_correlation": 0.9, "probe_accuracy": 0.95, "pixel_probe_accuracy": 0.9,
                 **(latent or {})}
     (folder / "metrics.json").write_text(json.dumps({**measured, "epochs_trained": epochs, "stopped_early": False}))
@@ -1612,22 +1658,32 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     rows = {float(r["lam2"]): r for r in csv.DictReader(open(tmp_path / "table1.csv"))}
     assert float(rows[0.0]["fid_mean"]) == pytest.approx(1.0) and float(rows[0.0]["fid_std"]) == pytest.approx(0.1)
     assert float(rows[0.0]["paper_fid"]) == 0.0187 and rows[0.0]["seeds"] == "0,1,2"
-    assert rows[0.025]["fid_versus_vae"] == "better than VAE beyond the seed spread"
-    assert rows[0.25]["fid_versus_vae"] == "within the seed spread of VAE"
+    vae_fid, good_fid, close_fid = [1.0, 1.1, 0.9], [0.5, 0.52, 0.48], [0.98, 1.05, 1.0]
+    p_good, p_close = welch_p_value(good_fid, vae_fid), welch_p_value(close_fid, vae_fid)
+    assert float(rows[0.025]["fid_p_vs_vae"]) == pytest.approx(p_good) and p_good < 0.05
+    assert rows[0.025]["fid_versus_vae"] == f"better than VAE (Welch p = {p_good:.2g})"
+    assert float(rows[0.25]["fid_p_vs_vae"]) == pytest.approx(p_close) and p_close > 0.05
+    assert rows[0.25]["fid_versus_vae"] == f"no difference from VAE detected (Welch p = {p_close:.2g})"
     assert "NaN" in rows[-0.00025]["failed"] and "interrupted" in rows[-0.00025]["failed"]
-    assert float(rows[0.025]["precision_mean"]) == pytest.approx(0.51)
-    assert float(rows[0.025]["fid_gmm_mean"]) == pytest.approx(0.25)
-    assert rows[0.025]["fid_gmm_versus_vae"] == "lower than VAE beyond the seed spread"
+    assert float(rows[0.025]["precision_2048_mean"]) == pytest.approx(0.51)
+    assert float(rows[0.025]["fid_2048_mean"]) == pytest.approx(50) and float(rows[0.025]["fid_gmm_mean"]) == pytest.approx(0.25)
+    assert rows[0.025]["fid_2048_gmm_versus_vae"].startswith("better than VAE")
+    assert rows[0.025]["precision_2048_versus_vae"].startswith("no difference")  # 0.51 ± 0.01 against the same
     assert float(rows[0.025]["active_units_mean"]) == 128 and float(rows[0.025]["active_units_std"]) == 0
-    assert rows[0.025]["active_units_versus_vae"] == "higher than VAE beyond the seed spread"
-    assert rows[0.025]["probe_accuracy_versus_vae"] == "lower than VAE beyond the seed spread"
-    assert rows[0.25]["probe_accuracy_versus_vae"] == "within the seed spread of VAE"  # 0.955 ± 0.01 against 0.95 ± 0
-    assert rows[0.25]["twin_correlation_versus_vae"] == "within the seed spread of VAE"  # equal
+    assert rows[0.025]["active_units_versus_vae"] == "higher than VAE (Welch p = 0)"  # no spread in either: apart
+    p_probe = welch_p_value([0.8, 0.81, 0.82], [0.95] * 3)
+    assert rows[0.025]["probe_accuracy_versus_vae"] == f"lower than VAE (Welch p = {p_probe:.2g})"
+    assert rows[0.25]["probe_accuracy_versus_vae"].startswith("no difference")  # 0.955 ± 0.01 against 0.95 ± 0
+    assert rows[0.25]["twin_correlation_versus_vae"] == "no difference from VAE detected (Welch p = 1)"  # equal
     assert float(rows[0.0]["pixel_probe_accuracy"]) == pytest.approx(0.9)
     table = (tmp_path / "table1.md").read_text()
-    assert "| mnist | BTVAE | 0.025 | 0,1,2 | 0.5000 ± 0.0200 | 0.2500 ± 0.0100 **lower** |" in table
-    assert "| mnist | BTVAE | 0.025 | 0,1,2 | 128.0 ± 0.0 **higher** | 0.200 ± 0.000 | " in table
-    assert "| 0.900 ± 0.000 | 0.810 ± 0.010 **lower** | 0.900 |" in table
+    p_good_gmm = welch_p_value([f / 2 for f in good_fid], [f / 2 for f in vae_fid])
+    assert (f"| mnist | BTVAE | 0.025 | 0,1,2 | 0.5000 ± 0.0200 **better** p = {p_good:.2g} "
+            f"| 0.2500 ± 0.0100 **better** p = {p_good_gmm:.2g} | 7.0 | 0.0324 |") in table
+    assert f"| mnist | BTVAE | 0.25 | 0,1,2 | 1.0100 ± 0.0361 p = {p_close:.2g} |" in table
+    assert "| mnist | BTVAE | 0.025 | 0,1,2 | 128.0 ± 0.0 **higher** p = 0 | 0.200 ± 0.000 p = 1 | " in table
+    assert f"| 0.900 ± 0.000 p = 1 | 0.810 ± 0.010 **lower** p = {p_probe:.2g} | 0.900 |" in table
+    assert "eval.py (waymao/PyTorch-VAE, last changed in commit 9be0949)" in table
 
     assert "REDUCED" not in table
     for figure in ("figure2_mnist.png", "latent_mnist.png"):
@@ -1646,7 +1702,8 @@ def test_report_sets_the_full_budget_beside_the_reduced_one(tmp_path):
     table = (tmp_path / "budgets.md").read_text()
     assert "(quick/: REDUCED BUDGET: at most 3 epochs)" in table
     assert "| metric | VAE | lambda2 = 0.25 |" in table
-    assert "| FID (prior) | 1.0500 ± 0.0707 / 2.0500 ± 0.0707 | - / 5.0500 ± 0.0707 **worse** |" in table
+    p_quick = welch_p_value([5.0, 5.1], [2.0, 2.1])
+    assert f"| FID (prior) | 1.0500 ± 0.0707 / 2.0500 ± 0.0707 | - / 5.0500 ± 0.0707 **worse** p = {p_quick:.2g} |" in table
     assert "| epochs trained | 7.0 ± 0.0 / 3.0 ± 0.0 | - / 3.0 ± 0.0 |" in table
 
     (tmp_path / "budgets.md").unlink()

@@ -4,10 +4,10 @@ each run's small files (config.json, metrics.json, history.csv, the sample grids
     python tools/report.py results            # reads results/runs/*, writes into results/
 
 Writes, beside the runs:
-  table1.md, table1.csv    Table 1: per data set and lambda2, mean and standard deviation over seeds of FID (samples
-                           from the prior and from a Gaussian mixture fitted to the latents), precision, recall and
-                           the latent-space metrics, the paper's FID beside ours, and whether each BTVAE setting
-                           differs from the VAE by more than the spread between seeds
+  table1.md, table1.csv    Table 1: per data set and lambda2, mean and standard deviation over seeds of FID-64 and
+                           FID-2048 (samples from the prior and from a Gaussian mixture fitted to the latents),
+                           precision and recall in 2048-d features, the latent-space metrics, the paper's FID
+                           beside ours, and Welch's t-test of each BTVAE setting against the VAE
   figure2_<dataset>.png    Figure 2: 144 samples of the VAE beside those of the best BTVAE (by mean FID), from the
                            prior and from the mixture
   latent_<dataset>.png     the latent space of the VAE and each BTVAE setting: |correlation| between dimensions of
@@ -34,6 +34,7 @@ import shutil
 import statistics
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # btvae.py is at the project's top
 import btvae  # noqa: E402
 
-# Table 1 of the paper: FID-64 (their code: 500 samples, the uint8 conversion bug; see README).
+# Table 1 of the paper: FID-64 (how it was computed: PAPER_FID_NOTE).
 PAPER_TABLE1 = {
     0.0: {"mnist": 0.0187, "cifar10": 0.3465, "celeba": 1.173},
     0.00025: {"mnist": 0.0482, "cifar10": 0.3478, "celeba": 1.137},
@@ -112,13 +113,17 @@ def mean_and_spread(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-# Table 1's metrics: metrics.json's key, the column's title, and the digits shown.
-SAMPLE_METRICS = [("fid", "FID (prior)", 4), ("fid_gmm", "FID (mixture)", 4), ("precision", "precision", 3),
-                  ("recall", "recall", 3)]
+# Table 1's metrics: metrics.json's key, the column's title, and the digits shown. FID-64 is the paper's; the
+# 2048-d ones (btvae.py --fid-2048) are the standard FID and the diversity measures, for each sampler.
+SAMPLE_METRICS = [("fid", "FID-64 (prior)", 4), ("fid_gmm", "FID-64 (mixture)", 4),
+                  ("fid_2048", "FID-2048 (prior)", 2), ("fid_2048_gmm", "FID-2048 (mixture)", 2),
+                  ("precision_2048", "precision (prior)", 3), ("recall_2048", "recall (prior)", 3),
+                  ("precision_2048_gmm", "precision (mixture)", 3), ("recall_2048_gmm", "recall (mixture)", 3)]
 LATENT_METRICS = [("active_units", "active units", 1), ("latent_correlation", "latent correlation", 3),
                   ("active_correlation", "correlation among active units", 3),
                   ("twin_correlation", "twin correlation", 3), ("probe_accuracy", "probe accuracy", 3)]
 EPOCHS = ("epochs_trained", "epochs trained", 1)  # averaged like the metrics, never compared with the VAE's
+SIGNIFICANCE = 0.05  # Welch's t-test of a BTVAE setting against the VAE, per metric, not corrected for the many
 
 
 def summarise(runs):
@@ -137,29 +142,41 @@ def summarise(runs):
                "paper_fid": PAPER_TABLE1.get(lam2, {}).get(dataset),
                "failed": "; ".join(f"seed {r['seed']}: {r['failure']}" for r in group if r["failure"])}
         for key, _, _ in SAMPLE_METRICS + LATENT_METRICS + [EPOCHS]:
-            row[f"{key}_mean"], row[f"{key}_std"] = mean_and_spread([m.get(key) for m in finished])
+            row[f"{key}_values"] = [m[key] for m in finished if m.get(key) is not None]
+            row[f"{key}_n"] = len(row[f"{key}_values"])
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_and_spread(row[f"{key}_values"])
         rows.append(row)
     for row in rows:
         vae = next((r for r in rows if r["dataset"] == row["dataset"] and r["lam2"] == 0), None)
         for key, _, _ in SAMPLE_METRICS + LATENT_METRICS:
-            words = ("better", "worse") if key == "fid" else ("lower", "higher")
-            row[f"{key}_versus_vae"] = compare_with_vae(row, vae, key, words)
+            words = ("better", "worse") if key.startswith("fid") else ("lower", "higher")
+            row[f"{key}_p_vs_vae"], row[f"{key}_versus_vae"] = compare_with_vae(row, vae, key, words)
     return rows
 
 
+def welch_p_value(a, b):
+    """Welch's t-test (two-sided, unequal variances) of two samples; None where it is undefined."""
+    from scipy.stats import ttest_ind
+    if statistics.variance(a) == statistics.variance(b) == 0:  # no spread in either: equal, or apart for sure
+        return 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
+    with warnings.catch_warnings():  # scipy warns of lost precision when two samples are (nearly) the same
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
 def compare_with_vae(row, vae, key, words):
-    """Is this setting's mean of `key` above or below the VAE's by more than the spread between seeds (the sum
-    of the two standard deviations)? words: what a lower and a higher value is called."""
+    """Welch's t-test of this setting's seeds against the VAE's on `key`: (p-value, verdict). A verdict names
+    the side only when p < SIGNIFICANCE. words: what a lower and a higher value is called."""
     if row["lam2"] == 0:
-        return ""
-    if vae is None or vae[f"{key}_mean"] is None or row[f"{key}_mean"] is None:
-        return "no comparison (missing runs)"
-    if len(row["seeds"].split(",")) < 2 or len(vae["seeds"].split(",")) < 2:
-        return "no comparison (needs 2+ seeds each)"
-    gap, spread = row[f"{key}_mean"] - vae[f"{key}_mean"], row[f"{key}_std"] + vae[f"{key}_std"]
-    if abs(gap) <= spread:
-        return "within the seed spread of VAE"
-    return f"{words[gap > 0]} than VAE beyond the seed spread"
+        return None, ""
+    if vae is None or not row[f"{key}_values"] or not vae[f"{key}_values"]:
+        return None, "no comparison (missing runs)"
+    if row[f"{key}_n"] < 2 or vae[f"{key}_n"] < 2:
+        return None, "no comparison (needs 2+ seeds each)"
+    p = welch_p_value(row[f"{key}_values"], vae[f"{key}_values"])
+    if p >= SIGNIFICANCE:
+        return p, f"no difference from VAE detected (Welch p = {p:.2g})"
+    return p, f"{words[row[f'{key}_mean'] > vae[f'{key}_mean']]} than VAE (Welch p = {p:.2g})"
 
 
 def number(value, digits=4):
@@ -167,48 +184,68 @@ def number(value, digits=4):
 
 
 def mean_cell(row, key, digits):
-    """'mean ± sd' and, for a BTVAE setting beyond the seed spread of the VAE, which side of it."""
+    """'mean ± sd' (with n where fewer seeds have this metric than the row has runs) and, for a BTVAE setting,
+    the p-value of Welch's t-test against the VAE, with the side in bold where p < SIGNIFICANCE."""
     if row[f"{key}_mean"] is None:
         return "-"
     cell = f"{row[f'{key}_mean']:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
-    verdict = row.get(f"{key}_versus_vae", "")
-    return f"{cell} **{verdict.split()[0]}**" if "beyond" in verdict else cell
+    if row[f"{key}_n"] != len(row["seeds"].split(",")):
+        cell += f" (n = {row[f'{key}_n']})"
+    p = row.get(f"{key}_p_vs_vae")
+    if p is None:
+        return cell
+    verdict = row[f"{key}_versus_vae"]
+    return f"{cell} **{verdict.split()[0]}** p = {p:.2g}" if p < SIGNIFICANCE else f"{cell} p = {p:.2g}"
+
+
+PAPER_FID_NOTE = ("the paper's FID-64 (Table 1) for reference only: the paper says 10,000 samples (Sec. 3.1); the "
+                  "authors' released eval.py (waymao/PyTorch-VAE, last changed in commit 9be0949) draws 500 samples "
+                  "of CelebA models and casts `sample * 255` to uint8 without rescaling the Tanh output; whether it "
+                  "produced Table 1 is not known")
 
 
 def write_table1(rows, out, budget_note):
     keys = [key for key, _, _ in SAMPLE_METRICS + LATENT_METRICS]
-    columns = ["dataset", "model", "lam2", "seeds", *(f"{key}_{part}" for key in keys for part in ("mean", "std")),
-               *(f"{key}_versus_vae" for key in keys), "pixel_probe_accuracy", "epochs_trained_mean",
-               "paper_fid", "failed", "budget"]
+    columns = ["dataset", "model", "lam2", "seeds",
+               *(f"{key}_{part}" for key in keys for part in ("mean", "std", "n", "p_vs_vae", "versus_vae")),
+               "pixel_probe_accuracy", "epochs_trained_mean", "paper_fid", "failed", "budget"]
     with open(out / "table1.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({**{k: row[k] for k in columns if k != "budget"}, "budget": budget_note or "full"})
 
-    lines = ["# Table 1: FID-64 of BTVAE and the VAE, and their latent spaces", ""]
+    def setting(row):
+        return f"| {row['dataset']} | {row['model']} | {row['lam2']:g} | {row['seeds'] or '-'} "
+
+    lines = ["# Table 1: FID of BTVAE and the VAE, the diversity of their samples, and their latent spaces", ""]
     if budget_note:
         lines += [f"> **{budget_note}. Not the paper's protocol; do not compare magnitudes with it.**", ""]
-    lines += ["Mean ± standard deviation over the seeds listed. A BTVAE value marked **higher**, **lower**, "
-              "**better** or **worse** differs from the VAE's by more than the spread between seeds (the sum of the "
-              "two standard deviations); unmarked values are within it.", "",
-              "## Samples", "",
-              "FID-64 (lower is better) of samples decoded from the prior N(0, I) and from a 10-component Gaussian "
-              "mixture fitted to the training images' posterior means; precision and recall (Kynkaanniemi et al. "
-              "2019, k = 3) of the prior's samples in the same Inception features; the paper's FID (500 samples, its "
-              "uint8 conversion bug) for reference only.", "",
-              "| data set | model | lambda2 | seeds | FID (prior) | FID (mixture) | precision | recall | epochs "
-              "| paper's FID | vs. VAE (FID, prior) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["Mean ± standard deviation over the seeds listed (n where fewer seeds have a measurement). Beside each "
+              "BTVAE value, the p-value of Welch's t-test (two-sided) of its seeds against the VAE's; where "
+              f"p < {SIGNIFICANCE} the side is marked **higher**, **lower**, **better** or **worse**. The threshold "
+              "is per comparison, not corrected for the many in this table: expect about one marked cell in twenty "
+              "by chance where there is no difference. With 3 seeds a side, a difference of less than about three "
+              "standard deviations is rarely detected, so an unmarked cell is not evidence of no difference.", "",
+              "## Samples: FID-64, the paper's measure", "",
+              "FID-64 (lower is better) of 10,000 samples decoded from the prior N(0, I) and from a 10-component "
+              f"Gaussian mixture fitted to the training images' posterior means; {PAPER_FID_NOTE}.", "",
+              "| data set | model | lambda2 | seeds | FID-64 (prior) | FID-64 (mixture) | epochs | paper's FID-64 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        if row["fid_mean"] is not None:
-            fid = f"{row['fid_mean']:.4f} ± {row['fid_std']:.4f}"
-        else:
-            fid = "no FID" if row["seeds"] else "failed"
-        lines.append(f"| {row['dataset']} | {row['model']} | {row['lam2']:g} | {row['seeds'] or '-'} | {fid} "
-                     f"| {mean_cell(row, 'fid_gmm', 4)} | {number(row['precision_mean'], 3)} "
-                     f"| {number(row['recall_mean'], 3)} | {number(row['epochs_trained_mean'], 1)} "
-                     f"| {number(row['paper_fid'])} | {row['fid_versus_vae']} |")
+        fid = mean_cell(row, "fid", 4) if row["fid_mean"] is not None else ("no FID" if row["seeds"] else "failed")
+        lines.append(setting(row) + f"| {fid} | {mean_cell(row, 'fid_gmm', 4)} "
+                     f"| {number(row['epochs_trained_mean'], 1)} | {number(row['paper_fid'])} |")
+    lines += ["", "## Samples in 2048-d Inception features: FID, precision and recall", "",
+              "The standard FID (the 2048-d pool layer, lower is better), and precision (the share of samples within "
+              "the test images' feature manifold: realism) and recall (the share of test images within the "
+              "samples' manifold: coverage, the diversity the paper's Table 2 asks about) of Kynkaanniemi et al. "
+              "(2019, k = 3), for each sampler, from the same 10,000 samples as FID-64 (btvae.py --fid-2048).", "",
+              "| data set | model | lambda2 | seeds | " + " | ".join(title for key, title, _ in SAMPLE_METRICS[2:]) + " |",
+              "| --- | --- | --- | --- |" + " --- |" * len(SAMPLE_METRICS[2:])]
+    for row in rows:
+        lines.append(setting(row) + "| " + " | ".join(mean_cell(row, key, digits) for key, _, digits in SAMPLE_METRICS[2:])
+                     + " |")
     lines += ["", "## Latent space", "",
               "On the test split, model in evaluation mode: active units (dimensions whose posterior mean varies with "
               "variance above 0.01), latent correlation (mean |correlation| between different dimensions of the "
@@ -220,8 +257,7 @@ def write_table1(rows, out, budget_note):
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         cells = " | ".join(mean_cell(row, key, digits) for key, _, digits in LATENT_METRICS)
-        lines.append(f"| {row['dataset']} | {row['model']} | {row['lam2']:g} | {row['seeds'] or '-'} | {cells} "
-                     f"| {number(row['pixel_probe_accuracy'], 3)} |")
+        lines.append(setting(row) + f"| {cells} | {number(row['pixel_probe_accuracy'], 3)} |")
     failures = [f"- {r['dataset']} lambda2 = {r['lam2']:g}: {r['failed']}" for r in rows if r["failed"]]
     if failures:
         lines += ["", "Failed or unfinished runs:", *failures]
@@ -498,8 +534,8 @@ def write_budgets(rows, out):
     quick_note = (quick / "BUDGET.txt").read_text().strip() if (quick / "BUDGET.txt").is_file() else "quick/"
     lines = ["# The paper's budget beside the reduced one", "",
              f"Each cell: the full budget (this folder) / the reduced one (quick/: {quick_note}). Mean ± standard "
-             "deviation over seeds, marked as in table1.md where a BTVAE setting differs from the VAE by more than the "
-             "spread between seeds; - where a budget has no finished run of the setting.", ""]
+             "deviation over seeds, with Welch's p-value against the VAE at the same budget and the side marked "
+             f"where p < {SIGNIFICANCE}, as in table1.md; - where a budget has no finished run of the setting.", ""]
     for dataset in dict.fromkeys(dataset for dataset, _ in [*full_rows, *quick_rows]):
         settings = sorted({lam2 for d, lam2 in [*full_rows, *quick_rows] if d == dataset}, key=lambda l: (l != 0, l))
         lines += [f"## {dataset}", "",
