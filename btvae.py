@@ -43,10 +43,13 @@ Usage:  python btvae.py --dataset mnist --lam2 0.025
 """
 
 import argparse
+import contextlib
 import csv
 import ctypes
+import io
 import json
 import math
+import os
 import pickle
 import platform
 import shlex
@@ -56,6 +59,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
+
+try:
+    import fcntl  # the operating system's file locks (Linux, macOS): one run per --out folder
+except ImportError:  # Windows has no flock: runs into one folder are not kept apart there
+    fcntl = None
 
 import torch
 import torch.nn as nn
@@ -406,12 +414,14 @@ def reconstruct(model, images):
 
 
 # =============================================================================
-# What the experiments share: their errors, progress bars and caches
+# What the experiments share: their errors, progress bars, files and caches
 #
 # Bad input (a missing data set, an unreadable file) is a UsageError, which
 # the command line shows as one line; a FID network that cannot be had is
-# FIDUnavailable, and the run records FID as null. Decoded data sets and the
-# test images' Inception features are kept in --cache-dir between runs.
+# FIDUnavailable, and the run records FID as null; a file that cannot be
+# written (a full disk) is WriteFailed. Every file is written whole or not at
+# all. Decoded data sets and the test images' Inception features are kept in
+# --cache-dir between runs.
 # =============================================================================
 
 class UsageError(Exception):
@@ -420,6 +430,10 @@ class UsageError(Exception):
 
 class FIDUnavailable(Exception):
     """The FID network cannot be had (no weights, no torch-fidelity): FID is recorded as null."""
+
+
+class WriteFailed(Exception):
+    """A file could not be written (a full disk, no permission): the run stops, keeping the files it wrote."""
 
 
 def first_line(error):
@@ -435,11 +449,33 @@ def progress(iterable, description):
     return tqdm(iterable, desc=description, leave=False)
 
 
+def write_atomically(path, data):
+    """Write the bytes `data` to a temporary file beside path, then rename it over path: a run that stops or
+    fails mid-write keeps the previous file whole and leaves no temporary file behind. The temporary name is
+    this process's own, so two processes writing one cache never share it. Raises WriteFailed naming path."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise WriteFailed(f"could not write {path} ({error.strerror or first_line(error)})") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def save_atomically(obj, path):
-    """torch.save to a temporary file, then rename: a run stopped mid-write keeps the previous file whole."""
-    temporary = path.with_suffix(".tmp")
-    torch.save(obj, temporary)
-    temporary.replace(path)
+    """torch.save, written whole or not at all. Serialised in memory first, so that a failed write is the
+    operating system's error (disk full, permission), not torch's unexplained 'unexpected pos'."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomically(path, buffer.getvalue())
+
+
+def save_grid(images, path, nrow):
+    """A grid of images as a PNG, written whole or not at all."""
+    buffer = io.BytesIO()
+    save_image(images, buffer, format="png", nrow=nrow)
+    write_atomically(path, buffer.getvalue())
 
 
 def load_from_cache(path):
@@ -454,13 +490,13 @@ def load_from_cache(path):
 
 
 def save_to_cache(value, path):
-    """Caches are a convenience: an unwritable cache folder costs time, never the run."""
+    """Caches are a convenience: an unwritable cache folder or a full disk costs time, never the run."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_atomically(value, path)
-    except OSError as error:
+    except Exception as error:  # whatever failed (the disk, the folder, torch.save itself): only this cache is lost
         print(f"note: could not cache {path.name} in {path.parent} ({first_line(error)}); "
-              "pass a writable --cache-dir to skip this work next time", flush=True)
+              "pass a writable --cache-dir with room to skip this work next time", flush=True)
 
 
 # =============================================================================
@@ -918,7 +954,17 @@ class TrainingDiverged(Exception):
 
 
 class RunInterrupted(Exception):
-    """Ctrl-C or SIGTERM during training: the last epoch's checkpoint is kept for --resume."""
+    """Ctrl-C or SIGTERM, in any phase of a run: what is written stays, and --resume continues from the last
+    epoch's checkpoint. Carries the signal, for the exit status (128 + its number: 130 or 143)."""
+
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupt(signum, frame):
+    """A signal handler: stop where the run is, as Ctrl-C does (main says what is kept)."""
+    raise RunInterrupted(signum)
 
 
 # -----------------------------------------------------------------------------
@@ -1111,14 +1157,15 @@ def shown(value, digits=3):
 
 
 def write_json(data, path):
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    write_atomically(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
 def write_csv(rows, path):
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(path, text.getvalue().encode())
 
 
 def save_model(model, cfg, path):
@@ -1129,15 +1176,19 @@ def save_model(model, cfg, path):
 
 def read_model_file(path):
     """The contents of a model.pt (see save_model); anything else is a UsageError."""
+    if not Path(path).is_file():
+        raise UsageError(f"{path} does not exist; pass the model.pt a run wrote")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"architecture", "state_dict", "config"} - set(saved)
-        if missing:
-            raise ValueError(f"no {', '.join(sorted(missing))}")
-        return saved
-    except Exception as error:
-        raise UsageError(f"{path} is not a btvae.py model.pt ({first_line(error)}); "
-                         "pass the model.pt a run wrote") from None
+    except Exception:  # torch's own message explains weights_only at length: it is not what the user needs
+        saved = None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path} is not a model.pt written by btvae.py; pass the model.pt a run wrote")
+    missing = {"architecture", "state_dict", "config"} - set(saved)
+    if missing:
+        raise UsageError(f"{path} is not a model.pt written by btvae.py (it has no {', '.join(sorted(missing))}); "
+                         "pass the model.pt a run wrote")
+    return saved
 
 
 def load_model(path, device="cpu"):
@@ -1247,10 +1298,11 @@ def resume_training(checkpoint, model, cfg, device):
 
 
 class GracefulStop:
-    """While active, the first Ctrl-C or SIGTERM asks training to stop after the current step; a second stops at once."""
+    """While active, the first Ctrl-C or SIGTERM asks training to stop after the current step; a second stops at once.
+    (Outside training, main's handlers stop the run at once.)"""
 
     def __init__(self):
-        self.requested = False
+        self.requested = None  # the signal that asked, once one has
 
     def __enter__(self):
         self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1258,8 +1310,8 @@ class GracefulStop:
 
     def request(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise RunInterrupted(signum)
+        self.requested = signum
         print("\nstopping after this step (the last finished epoch is checkpointed); press Ctrl-C again to stop at once",
               file=sys.stderr, flush=True)
 
@@ -1280,7 +1332,7 @@ class Watch:
         start, seen = time.perf_counter(), 0
         for index in progress(batches, name):
             if self.stop is not None and self.stop.requested:
-                raise RunInterrupted()
+                raise RunInterrupted(self.stop.requested)
             yield index
             seen += len(index)
         if name == "train":
@@ -1429,9 +1481,9 @@ def evaluate(model, train_split, test_split, cfg, device):
     model, so both give the same numbers for the same model and settings.
     """
     sampler = torch.Generator().manual_seed(cfg.seed)
-    save_image(generate(model, 144, sampler, device), cfg.out / "samples.png", nrow=12)
+    save_grid(generate(model, 144, sampler, device), cfg.out / "samples.png", nrow=12)
     originals = to_model_range(test_split.images[:16].to(device))
-    save_image(torch.cat([originals, reconstruct(model, originals)]), cfg.out / "reconstructions.png", nrow=16)
+    save_grid(torch.cat([originals, reconstruct(model, originals)]), cfg.out / "reconstructions.png", nrow=16)
     fid = fid_measurer(test_split, cfg, device)
     metrics = {**fid(lambda n: generate(model, n, sampler, device), ""),
                "fid_samples": cfg.fid_samples}
@@ -1451,7 +1503,7 @@ def evaluate(model, train_split, test_split, cfg, device):
     mixture = LatentMixture(train_mu, cfg.seed)
     metrics["mixture_fit_seconds"] = time.perf_counter() - start
     mixture_sampler = torch.Generator().manual_seed(cfg.seed)
-    save_image(generate(model, 144, mixture_sampler, device, mixture), cfg.out / "samples_gmm.png", nrow=12)
+    save_grid(generate(model, 144, mixture_sampler, device, mixture), cfg.out / "samples_gmm.png", nrow=12)
     metrics.update(fid(lambda n: generate(model, n, mixture_sampler, device, mixture), "_gmm"))
     return metrics
 
@@ -1527,6 +1579,79 @@ def pixel_probe_accuracy(train_split, test_split, cfg):
     return accuracy
 
 
+# -----------------------------------------------------------------------------
+# One run per --out folder, and what a stopped run keeps
+# -----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def one_run_per_folder(out):
+    """Hold the operating system's exclusive lock (flock) on the --out folder itself for the run's whole life,
+    so a second run or --resume into it is refused before it writes anything, and a killed run releases it.
+    A folder made here for a run that then fails on bad input is removed again: bad input writes nothing."""
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {out} cannot be made ({error.strerror}); choose a folder you can write") from None
+    lock = lock_folder(out)
+    try:
+        yield
+    except UsageError:
+        release(lock)
+        lock = None
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty, or not ours to remove: leave it
+                folder.rmdir()
+        raise
+    finally:
+        release(lock)
+
+
+def lock_folder(folder):
+    """An open descriptor of `folder` holding its exclusive lock; None where there are no flocks (Windows)."""
+    if fcntl is None:
+        return None
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        holder = lock_holder(folder)
+        raise UsageError(f"{folder} is in use by another run{f' (process {holder})' if holder else ''}; "
+                         "wait for it to end, or choose another --out") from None
+    return descriptor
+
+
+def release(lock):
+    if lock is not None:
+        os.close(lock)  # closing the descriptor releases the flock
+
+
+def lock_holder(folder):
+    """The process that holds the flock on `folder`, read from Linux's /proc/locks; None elsewhere."""
+    try:
+        inode = os.stat(folder).st_ino
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()  # 1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF
+            if fields[1] == "FLOCK" and int(fields[5].rsplit(":", 1)[1]) == inode:
+                return int(fields[4])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def what_is_kept(cfg, argv):
+    """The end of a stopped run's message: what its folder keeps, and the command that continues it."""
+    if cfg is None:
+        return "nothing was written"
+    if cfg.evaluate is not None:
+        return f"the measurements in {cfg.out} are incomplete; to measure again: {shlex.join(['python', 'btvae.py', *argv])}"
+    if not (cfg.out / CHECKPOINT).is_file():
+        return "it stopped before the first epoch finished, so there is nothing to resume"
+    resume = shlex.join(["python", "btvae.py", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return f"everything up to the last finished epoch is in {cfg.out}. To continue: {resume}"
+
+
 def run(cfg):
     """Train (or, with --evaluate, load) a model, then sample and measure it; returns metrics.json's contents."""
     device = pick_device(cfg.device)
@@ -1551,7 +1676,6 @@ def run(cfg):
     bf16 = use_bf16(cfg.precision, device)
     train_split, val_split, test_split = prepare_for_speed(model, (train_split, val_split, test_split), device, bf16)
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
     write_json({**vars(cfg), "device": str(device), "mixed_precision_bf16": bf16,
                 "versions": library_versions(),
                 # CPU kernels differ by instruction set (AVX2, AVX-512), and so do their last bits: a run repeats
@@ -1582,29 +1706,31 @@ def out_of_memory(error):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = None
+    previous_handler = signal.signal(signal.SIGTERM, interrupt)  # SIGTERM stops a run as Ctrl-C does, anywhere
     try:
         cfg = parse_config(argv)
-        run(cfg)
+        with one_run_per_folder(cfg.out):
+            run(cfg)
     except UsageError as error:
         print(f"btvae.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as error:
         print(f"btvae.py: stopped: {error}; the best weights and history so far are in {cfg.out}", file=sys.stderr)
         sys.exit(1)
-    except (RunInterrupted, KeyboardInterrupt):
-        if cfg is None or not (cfg.out / CHECKPOINT).is_file():
-            print("btvae.py: interrupted before the first epoch finished; nothing to resume", file=sys.stderr)
-        else:
-            resume = shlex.join(["python", "btvae.py", *argv, *([] if "--resume" in argv else ["--resume"])])
-            print(f"btvae.py: interrupted; everything up to the last finished epoch is in {cfg.out}. "
-                  f"To continue: {resume}", file=sys.stderr)
-        sys.exit(130)
+    except WriteFailed as error:
+        print(f"btvae.py: stopped: {error}; {what_is_kept(cfg, argv)}", file=sys.stderr)
+        sys.exit(1)
+    except (RunInterrupted, KeyboardInterrupt) as error:
+        print(f"btvae.py: interrupted; {what_is_kept(cfg, argv)}", file=sys.stderr)
+        sys.exit(128 + getattr(error, "signum", signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM, as the shell's
     except (RuntimeError, MemoryError) as error:
         if not out_of_memory(error):
             raise
         print(f"btvae.py: out of memory ({first_line(error)}); use a smaller --batch-size or --latent-dim "
               "(or --hidden-dims, --image-size)", file=sys.stderr)
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":

@@ -63,18 +63,34 @@ plan() {
   esac
 }
 
-# Runs one planned line; never fails the sweep: a failure is written to FAILED in the run's folder.
+# Is another btvae.py running in this folder? btvae.py holds the operating system's lock (flock) on its --out
+# for its whole life; this asks for it without waiting. (Windows has no flock: never busy there.)
+folder_busy() {
+  "$PYTHON" - "$1" 2>/dev/null <<'PY'
+import os, sys
+try:
+    import fcntl
+    fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    sys.exit(0)
+except Exception:
+    pass
+sys.exit(1)
+PY
+}
+
+# Runs one planned line; never fails the sweep: a failure is written to FAILED in the run's folder. A folder
+# that another run holds (a second sweep into the same OUT) is left to it, untouched.
 run_one() {
   local name=$1; shift
   local dir="$OUT/runs/$name"
   [ -f "$dir/metrics.json" ] && { echo "done already: $name"; return 0; }
-  mkdir -p "$dir"; rm -f "$dir/FAILED"
+  mkdir -p "$dir"
+  folder_busy "$dir" && { echo "busy: $name: another run holds its folder; left to it"; return 0; }
+  rm -f "$dir/FAILED"
   local extra=(--epochs "$EPOCHS" --data-dir "$DATA_DIR" --cache-dir "$CACHE_DIR" --out "$dir")
-  if [ -f "$dir/checkpoint.pt" ]; then
-    extra+=(--resume)  # interrupted part-way: continue from its last epoch, its log keeping the interrupted part
-  else
-    : > "$dir/log.txt"
-  fi
+  # interrupted part-way: continue from its last epoch; the log keeps every attempt, appended
+  [ -f "$dir/checkpoint.pt" ] && extra+=(--resume)
   [ -n "$SUBSET" ] && extra+=(--subset "$SUBSET")
   [ -n "$FID_WEIGHTS" ] && extra+=(--fid-weights "$FID_WEIGHTS")
   [ "$FID_2048" = 1 ] && extra+=(--fid-2048)
@@ -93,7 +109,7 @@ if [ "${REPORT_ONLY:-0}" != 1 ]; then
   # Runs are independent: JOBS of them at a time share the cores (each gets cores / JOBS threads).
   threads=$(( $(nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
   export OUT EPOCHS DATA_DIR CACHE_DIR SUBSET FID_WEIGHTS FID_2048 PYTHON OMP_NUM_THREADS=$threads
-  export -f run_one
+  export -f run_one folder_busy
   started=$SECONDS
   plan | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
   echo "sweep took $((SECONDS - started)) s"
