@@ -106,7 +106,7 @@ def data_share(channels, size, dataset_size, step_images_per_second, device):
 def bench_fid(kind, data_dir, weights, count, model_path, device):
     """A finished run's FID, as (value, seconds). plain: straightforward torchmetrics use (a fresh metric, real
     and fake images both through the network; antialias=False resizes as torch-fidelity's network does).
-    project: btvae.fid_measurer, the test images' features cached, precision and recall included."""
+    project: btvae.fid_measurer as a run without --fid-2048 uses it, the test images' features cached."""
     cache_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_fid_cache_{os.getpid()}"
     cfg = btvae.parse_config(["--dataset", "mnist", "--data-dir", str(data_dir), "--cache-dir", str(cache_dir),
                               "--fid-samples", str(count), "--fid-weights", str(weights)])
@@ -205,7 +205,7 @@ def main():
         print(f"| straightforward torchmetrics, antialias=False (fresh metric, real and fake through) | {plain_s:.1f} "
               f"| {n / plain_s:.0f} "
               f"| {plain_fid:.6f} |")
-        print(f"| btvae.fid_measurer (also precision and recall), test features cached | {project_s:.1f} "
+        print(f"| btvae.fid_measurer (FID-64, as a run without --fid-2048), test features cached | {project_s:.1f} "
               f"| {n / project_s:.0f} | {project_fid:.6f} |")
         print(f"speed-up {plain_s / project_s:.2f}x; FID relative difference {abs(project_fid - plain_fid) / abs(plain_fid):.1e}")
 
