@@ -1647,9 +1647,9 @@ def what_is_kept(cfg, argv):
     if cfg.evaluate is not None:
         return f"the measurements in {cfg.out} are incomplete; to measure again: {shlex.join(['python', 'btvae.py', *argv])}"
     if not (cfg.out / CHECKPOINT).is_file():
-        return "it stopped before the first epoch finished, so there is nothing to resume"
+        return "no epoch was checkpointed, so there is nothing to resume"
     resume = shlex.join(["python", "btvae.py", *argv, *([] if "--resume" in argv else ["--resume"])])
-    return f"everything up to the last finished epoch is in {cfg.out}. To continue: {resume}"
+    return f"everything up to the last checkpointed epoch is in {cfg.out}. To continue: {resume}"
 
 
 def run(cfg):

@@ -1448,7 +1448,7 @@ def test_sigterm_while_loading_data_is_one_line_and_exit_143(tmp_path):
     status, error = sigterm_during("load_data", ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")],
                                    tmp_path)
     assert status == 143 and error.strip().splitlines() == [
-        "btvae.py: interrupted; it stopped before the first epoch finished, so there is nothing to resume"]
+        "btvae.py: interrupted; no epoch was checkpointed, so there is nothing to resume"]
 
 
 def test_sigterm_during_the_measurements_keeps_the_training_and_resume_finishes(tmp_path, capsys):
@@ -1456,7 +1456,7 @@ def test_sigterm_during_the_measurements_keeps_the_training_and_resume_finishes(
     argv = ["--data-dir", str(tmp_path / "data"), "--epochs", "2", "--fid-samples", "0", "--out", str(tmp_path / "run")]
     status, error = sigterm_during("measure_latent_space", argv, tmp_path)
     assert status == 143 and len(error.strip().splitlines()) == 1, error
-    assert error.startswith(f"btvae.py: interrupted; everything up to the last finished epoch is in {tmp_path / 'run'}")
+    assert error.startswith(f"btvae.py: interrupted; everything up to the last checkpointed epoch is in {tmp_path / 'run'}")
     assert error.strip().endswith(shlex.join(["python", "btvae.py", *argv, "--resume"]))
     assert not (tmp_path / "run" / "metrics.json").exists()
     btvae.main([*argv, "--resume"])
