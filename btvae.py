@@ -1068,7 +1068,7 @@ def build_parser():
                    help="where to train; auto picks cuda, then mps, then cpu")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="arithmetic of the network: bf16 is mixed precision (weights, optimiser and losses stay fp32); "
-                        "auto is bf16 on GPUs that support it, fp32 on CPU and mps (README 'Speed')")
+                        "auto is bf16 on GPUs that support it, fp32 on CPU and mps (results/speed.md)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<dataset>_lam2=<value>_seed<seed>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last checkpoint (same settings required)")
@@ -1340,7 +1340,7 @@ class Watch:
 
 
 # -----------------------------------------------------------------------------
-# Speed settings that leave the method unchanged (README 'Speed')
+# Speed settings that leave the method unchanged (results/speed.md)
 # -----------------------------------------------------------------------------
 
 def pick_device(name):
@@ -1355,7 +1355,7 @@ def pick_device(name):
 
 def use_bf16(precision, device):
     """Mixed precision by default only on GPUs with bfloat16; on a CPU it trained MNIST no faster and ended
-    worse in validation loss (README 'Speed')."""
+    worse in validation loss (results/speed.md)."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--precision bf16: this GPU has no bfloat16 support; use --precision fp32")
     if precision == "auto":
