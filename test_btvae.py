@@ -23,6 +23,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -1837,6 +1838,35 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     assert "REDUCED" not in table
     for figure in ("figure2_mnist.png", "latent_mnist.png"):
         assert (tmp_path / figure).is_file()
+
+
+def test_report_compares_the_samplers_model_by_model_and_how_the_two_fids_order_the_settings(tmp_path):
+    from scipy.stats import kendalltau, t as student_t
+    runs = tmp_path / "runs"
+    vae_fid, btvae_fid = [1.0, 1.2, 0.9], [2.0, 2.5, 2.2]
+    for seed in range(3):  # FID-64: the VAE is better; FID-2048 (100x the VAE's): the BTVAE is
+        fabricate_run(runs, "mnist", 0.0, seed, vae_fid[seed])
+        fabricate_run(runs, "mnist", 0.025, seed, btvae_fid[seed], latent={"fid_2048": 10 + seed, "fid_2048_gmm": 9})
+    fabricate_run(runs, "mnist", 0.25, 0, 5.0, latent={"fid_2048": None})  # measured without --fid-2048: left out
+    report.make_report(tmp_path)
+    page = (tmp_path / "diversity.md").read_text()
+
+    differences = [f / 2 - f for f in vae_fid]  # fabricate_run's mixture FID-64 is half the prior's
+    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
+    paired_t = mean / (sd / math.sqrt(3))
+    p = 2 * student_t.sf(abs(paired_t), 2)
+    p_precision = 2 * student_t.sf(0.09 / (0.01 / math.sqrt(3)), 2)  # mixture 0.6 against 0.5 + seed / 100
+    assert (f"| mnist | 0 | 0,1,2 | {mean:+.4f} ± {sd:.4f} **better** p = {p:.2g} | "
+            f"{100 * mean:+.2f} ± {100 * sd:.2f} **better** p = {p:.2g} | "
+            f"+0.090 ± 0.010 **higher** p = {p_precision:.2g} | -0.100 ± 0.000 **lower** p = 0 |") in page
+    p_btvae = 2 * student_t.sf(2 / (1 / math.sqrt(3)), 2)  # mixture 9 against 10, 11, 12: not detected
+    assert f"| -2.00 ± 1.00 p = {p_btvae:.2g} | " in page and p_btvae > 0.05
+    assert "| mnist | 0.25 |" not in page
+    tau_runs = kendalltau(vae_fid + btvae_fid, [100 * f for f in vae_fid] + [10, 11, 12])
+    assert tau_runs.statistic < 0
+    assert (f"| mnist | prior | 0 < 0.025 | 0.025 < 0 | - | {tau_runs.statistic:.2f} "
+            f"(p = {tau_runs.pvalue:.2g}, n = 6) |") in page
+    assert "| mnist | mixture | 0 < 0.025 | 0.025 < 0 | - |" in page
 
 
 def test_report_sets_the_full_budget_beside_the_reduced_one(tmp_path):

@@ -15,6 +15,8 @@ Writes, beside the runs:
   figure3.png              Figure 3: MNIST test images' posterior means under 2-d VAE and BTVAE, by digit
   early_stopping.md        how much the validation Barlow Twins term decides which epoch early stopping keeps
   cost.md                  what each finished run cost: seconds of training, of each FID and of the mixture's fit
+  diversity.md             for the runs measured in 2048-d features: the mixture sampler against the prior, model
+                           by model (paired t-test), and whether FID-64 and FID-2048 order settings and runs alike
   budgets.md               for a full-budget sweep beside a reduced one in quick/ (run_all.sh's QUICK=1 folder):
                            each setting's means at both budgets, and which differences from the VAE hold at each
   table2_<dataset>/        Table 2's material: the two grids as A and B in a random order, with the paper's
@@ -489,6 +491,82 @@ def write_table2(runs, rows, dataset, out, budget_note):
     return folder
 
 
+# The diversity reading: each measure of the samples, from the prior and from the mixture of the same model.
+SAMPLER_MEASURES = [("fid", "FID-64", 4, ("better", "worse")), ("fid_2048", "FID-2048", 2, ("better", "worse")),
+                    ("precision_2048", "precision", 3, ("lower", "higher")),
+                    ("recall_2048", "recall", 3, ("lower", "higher"))]
+
+
+def paired_p_value(a, b):
+    """Paired t-test (two-sided) of two measurements of the same models; None below two pairs."""
+    from scipy.stats import ttest_rel
+    differences = [x - y for x, y in zip(a, b)]
+    if len(differences) < 2:
+        return None
+    if statistics.variance(differences) == 0:  # every model moved by the same amount: none, or for sure
+        return 1.0 if differences[0] == 0 else 0.0
+    return float(ttest_rel(a, b).pvalue)
+
+
+def kendall_cell(pairs):
+    """Kendall's tau between the two values of each pair, with its two-sided p-value; '-' below three pairs."""
+    from scipy.stats import kendalltau
+    if len(pairs) < 3:
+        return "-"
+    result = kendalltau([a for a, _ in pairs], [b for _, b in pairs])
+    return f"{result.statistic:.2f} (p = {result.pvalue:.2g}, n = {len(pairs)})"
+
+
+def write_diversity(runs, out, budget_note):
+    """For the runs measured in 2048-d features (btvae.py --fid-2048): the mixture sampler against the prior,
+    model by model; and whether FID-64 and FID-2048 put the settings, and the runs, in the same order."""
+    measured = [r for r in runs if r["metrics"] and r["metrics"].get("fid_2048") is not None
+                and not r["folder"].name.startswith("figure3_")]
+    if not measured:
+        return None
+    groups = {}
+    for run in sorted(measured, key=lambda r: (setting_order(r), r["seed"])):
+        groups.setdefault((run["dataset"], run["setting"]), []).append(run)
+    lines = page_heading("Diversity: the two samplers, and FID-64 against FID-2048", budget_note)
+    lines += ["Only runs measured with btvae.py --fid-2048. Per setting, over its seeds: the mixture sampler's value "
+              "minus the prior's, from the same model (mean ± standard deviation), and the p-value of a paired "
+              f"t-test (two-sided) of the two; where p < {SIGNIFICANCE} the mixture is marked **better**, **worse**, "
+              "**higher** or **lower**. Precision: the share of samples within the test images' feature manifold "
+              "(realism); recall: the share of test images within the samples' (coverage).", "",
+              "| data set | lambda2 | seeds | " + " | ".join(f"{title}: mixture - prior" for _, title, _, _ in
+                                                          SAMPLER_MEASURES) + " |",
+              "| --- | --- | --- |" + " --- |" * len(SAMPLER_MEASURES)]
+    for (dataset, setting), group in groups.items():
+        cells = []
+        for key, _, digits, words in SAMPLER_MEASURES:
+            prior, mixture = [r["metrics"][key] for r in group], [r["metrics"][f"{key}_gmm"] for r in group]
+            difference, spread = mean_and_spread([m - p for m, p in zip(mixture, prior)])
+            p = paired_p_value(mixture, prior)
+            cell = f"{difference:+.{digits}f} ± {spread:.{digits}f}"
+            if p is not None:
+                cell += f" **{words[difference > 0]}** p = {p:.2g}" if p < SIGNIFICANCE else f" p = {p:.2g}"
+            cells.append(cell)
+        lines.append(f"| {dataset} | {setting} | {','.join(str(r['seed']) for r in group)} | " + " | ".join(cells)
+                     + " |")
+    lines += ["", "Do the two FIDs order the settings alike? Per sampler, the settings from best to worst by their "
+              "mean FID-64 and by their mean FID-2048 over the same runs, and Kendall's tau (1: the same order, "
+              "-1: reversed) with its two-sided p-value, between the settings' means and between the single runs.", "",
+              "| data set | sampler | by FID-64 | by FID-2048 | tau, settings | tau, runs |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for dataset in dict.fromkeys(d for d, _ in groups):
+        in_dataset = {setting: [r["metrics"] for r in group] for (d, setting), group in groups.items() if d == dataset}
+        for suffix, sampler in (("", "prior"), ("_gmm", "mixture")):
+            means = {setting: [statistics.fmean(m[key + suffix] for m in metrics) for key in ("fid", "fid_2048")]
+                     for setting, metrics in in_dataset.items()}
+            orders = [" < ".join(sorted(means, key=lambda setting: means[setting][i])) for i in (0, 1)]
+            single = [(m["fid" + suffix], m["fid_2048" + suffix]) for metrics in in_dataset.values() for m in metrics]
+            lines.append(f"| {dataset} | {sampler} | {orders[0]} | {orders[1]} | {kendall_cell(list(means.values()))} "
+                         f"| {kendall_cell(single)} |")
+    path = out / "diversity.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 # The parts of a run that metrics.json times (training is the sum over epochs, across a resume).
 COST_PARTS = [("train_seconds", "training"), ("latent_seconds", "latent metrics"), ("fid_seconds", "FID (prior)"),
               ("mixture_fit_seconds", "mixture fit"), ("fid_gmm_seconds", "FID (mixture)")]
@@ -563,7 +641,7 @@ def make_report(out):
         made += [write_figure2(runs, rows, dataset, out, budget_note), write_table2(runs, rows, dataset, out, budget_note),
                  write_latent_figure(runs, rows, dataset, out, budget_note)]
     made += [write_figure3(runs, out, budget_note), write_early_stopping(runs, out, budget_note),
-             write_cost(runs, out, budget_note)]
+             write_cost(runs, out, budget_note), write_diversity(runs, out, budget_note)]
     if not budget_note:
         made.append(write_budgets(rows, out))
     return [path for path in made if path is not None]
