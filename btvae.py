@@ -70,8 +70,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-# torchvision (data sets, resizing, image grids), tqdm, torch-fidelity and scikit-learn are imported where they
-# are used: each takes seconds to import, and a mistyped option should be answered without waiting for them.
+# Libraries only some paths need (torchvision for data and image grids, tqdm, torch-fidelity, scikit-learn) are
+# imported where used: torchvision alone takes seconds, and a mistyped option should not wait for it.
 
 
 # =============================================================================
