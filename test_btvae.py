@@ -1695,24 +1695,28 @@ def test_precision_flag_sets_mixed_precision(precision, expected):
 ALLOCATE_AND_FREE = """
 import resource, torch, btvae
 btvae.keep_freed_memory()
-def step():  # activations of 4-16 MB, alive together and then freed, as in a training step
-    return [torch.ones(2**20 * (1 + i % 4)) for i in range(8)]
-for _ in range(3):  # the heap grows to the steps' peak once
-    step()
+def step(k):  # activations of 4-16 MB, alive together and then freed, as in a training step; a page larger each step
+    return [torch.ones(2**20 * (1 + i % 4) + 1024 * k) for i in range(8)]
+for k in range(5):  # the heap grows to the steps' peak
+    step(k)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    step()
+for k in range(5, 15):
+    step(k)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(not (sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION")), reason="glibc only")
 def test_keep_freed_memory_reuses_freed_activations_without_page_faults():
-    # A fresh process, as the setting is process-wide. Ten steps write 10 x 80 MB = 200,000 pages of 4 KB;
-    # every page glibc handed back to the kernel would fault in again (glibc's default usually does that here).
+    # A fresh process, as the setting is process-wide. Ten steps write 10 x 80 MB = 200,000 pages of 4 KB.
+    # glibc's default maps each step's largest blocks afresh, since each is larger than any freed before, and
+    # unmaps them when freed: 40,000 faults at the least, 170,000 when it also trims its heap. Kept, only the
+    # page a block grows by each step is new: 30-90 faults measured. Whether the heap would be trimmed depends
+    # on what else lies above the freed blocks (measured: never with one thread, in about half of the
+    # processes with two), so this count pins the mapping threshold and not reliably the trim threshold.
     finished = subprocess.run([sys.executable, "-c", ALLOCATE_AND_FREE], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True)
-    assert int(finished.stdout) < 2_000  # under 1% of the pages written: the memory was reused
+    assert int(finished.stdout) < 4_000
 
 
 # ---------------------------------------------------------------------------
