@@ -68,10 +68,10 @@ except ImportError:  # Windows has no flock: runs into one folder are not kept a
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torchvision.utils import save_image
+
+# Libraries only some paths need (torchvision for data and image grids, tqdm, torch-fidelity, scikit-learn) are
+# imported where used: torchvision alone takes seconds, and a mistyped option should not wait for it.
 
 
 # =============================================================================
@@ -473,6 +473,7 @@ def save_atomically(obj, path):
 
 def save_grid(images, path, nrow):
     """A grid of images as a PNG, written whole or not at all."""
+    from torchvision.utils import save_image
     buffer = io.BytesIO()
     save_image(images, buffer, format="png", nrow=nrow)
     write_atomically(path, buffer.getvalue())
@@ -542,6 +543,7 @@ def to_uint8(images):
 
 def square_resize(images, size):
     """Centre-crop to a square, then resize to size x size (antialiased), staying uint8."""
+    import torchvision.transforms.v2.functional as TF
     height, width = images.shape[-2:]
     if height != width:
         images = TF.center_crop(images, [min(height, width)] * 2)
@@ -552,6 +554,7 @@ def square_resize(images, size):
 
 def read_rgb(path):
     """One image file as a uint8 3 x H x W tensor (Pillow: torchvision's own decoders are deprecated)."""
+    import torchvision.transforms.v2.functional as TF
     try:
         with Image.open(path) as image:
             return TF.pil_to_tensor(image.convert("RGB"))
@@ -586,6 +589,7 @@ def holdout(split, count):
 
 def load_mnist(data_dir):
     """MNIST's 28x28 digits, padded with 2 black pixels a side to 32x32 so that five stride-2 layers fit."""
+    import torchvision
     download_if_missing([f"MNIST/raw/{prefix}-{kind}-ubyte" for prefix in ("train", "t10k")
                          for kind in ("images-idx3", "labels-idx1")],
                         lambda: torchvision.datasets.MNIST(data_dir, download=True), "MNIST", data_dir)
@@ -601,6 +605,7 @@ def load_mnist(data_dir):
 
 def load_cifar10(data_dir):
     """CIFAR-10's pickled batches, read directly (torchvision would insist on the original files' MD5s)."""
+    import torchvision
     folder = "cifar-10-batches-py"
     train_files = [f"data_batch_{i}" for i in range(1, 6)]
     download_if_missing([f"{folder}/{name}" for name in train_files + ["test_batch"]],
@@ -630,6 +635,8 @@ def load_celeba(data_dir, size, cache_dir):
     202,599 JPEGs take minutes to decode, so each split's tensor is cached in
     cache_dir and later runs load it in seconds.
     """
+    import torchvision
+    import torchvision.transforms.v2.functional as TF
     download_if_missing(["celeba/img_align_celeba", "celeba/list_eval_partition.txt"],
                         lambda: torchvision.datasets.CelebA(data_dir, split="all", download=True), "CelebA", data_dir)
     folder = data_dir / "celeba"
@@ -1204,8 +1211,8 @@ def load_model(path, device="cpu"):
 
 
 def library_versions():
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__}
-    for name, module in (("torch_fidelity", "torch_fidelity"), ("scikit_learn", "sklearn")):
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name, module in (("torchvision", "torchvision"), ("torch_fidelity", "torch_fidelity"), ("scikit_learn", "sklearn")):
         try:
             versions[name] = __import__(module).__version__
         except ImportError:
