@@ -1806,6 +1806,7 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
         fabricate_run(runs, "mnist", 0.25, seed, close, latent={"probe_accuracy": 0.945 + seed / 100})
     (fabricate_run(runs, "mnist", -0.00025, 0, None) / "FAILED").write_text("exit status 1: btvae.py: stopped: NaN")
     fabricate_run(runs, "mnist", -0.00025, 1, None)  # no metrics and no FAILED: interrupted
+    fabricate_run(runs, "mnist", 0.0025, 0, 0.7)  # one seed: its values alone, no spread and no test
     report.make_report(tmp_path)
 
     rows = {float(r["lam2"]): r for r in csv.DictReader(open(tmp_path / "table1.csv"))}
@@ -1837,6 +1838,8 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     assert "| mnist | BTVAE | 0.025 | 0,1,2 | 128.0 ± 0.0 **higher** p = 0 | 0.200 ± 0.000 p = 1 | " in table
     assert f"| 0.900 ± 0.000 p = 1 | 0.810 ± 0.010 **lower** p = {p_probe:.2g} | 0.900 |" in table
     assert "eval.py (waymao/PyTorch-VAE, last changed in commit 9be0949)" in table
+    assert "| mnist | BTVAE | 0.0025 | 0 | 0.7000 | 0.3500 | 7.0 | 0.1984 |" in table
+    assert rows[0.0025]["fid_std"] == "" and rows[0.0025]["fid_versus_vae"] == "no comparison (needs 2+ seeds each)"
 
     assert "REDUCED" not in table
     for figure in ("figure2_mnist.png", "latent_mnist.png"):

@@ -109,10 +109,16 @@ def setting_order(run):
 
 
 def mean_and_spread(values):
+    """The mean and the standard deviation of the values given (None where one value gives no spread)."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def mean_with_spread(mean, spread, format_spec):
+    """'mean ± sd' formatted with format_spec, or the mean alone where one seed gives no spread."""
+    return f"{mean:{format_spec}}" if spread is None else f"{mean:{format_spec}} ± {spread:{format_spec.lstrip('+')}}"
 
 
 # Table 1's metrics: metrics.json's key, the column's title, and the digits shown. FID-64 is the paper's; the
@@ -190,7 +196,7 @@ def mean_cell(row, key, digits):
     the p-value of Welch's t-test against the VAE, with the side in bold where p < SIGNIFICANCE."""
     if row[f"{key}_mean"] is None:
         return "-"
-    cell = f"{row[f'{key}_mean']:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
+    cell = mean_with_spread(row[f"{key}_mean"], row[f"{key}_std"], f".{digits}f")
     if row[f"{key}_n"] != len(row["seeds"].split(",")):
         cell += f" (n = {row[f'{key}_n']})"
     p = row.get(f"{key}_p_vs_vae")
@@ -223,7 +229,8 @@ def write_table1(rows, out, budget_note):
     lines = ["# Table 1: FID of BTVAE and the VAE, the diversity of their samples, and their latent spaces", ""]
     if budget_note:
         lines += [f"> **{budget_note}. Not the paper's protocol; do not compare magnitudes with it.**", ""]
-    lines += ["Mean ± standard deviation over the seeds listed (n where fewer seeds have a measurement). Beside each "
+    lines += ["Mean ± standard deviation over the seeds listed (the value alone for one seed; n where fewer seeds have a "
+              "measurement). Beside each "
               "BTVAE value, the p-value of Welch's t-test (two-sided) of its seeds against the VAE's; where "
               f"p < {SIGNIFICANCE} the side is marked **higher**, **lower**, **better** or **worse**. The threshold "
               "is per comparison, not corrected for the many in this table: expect about one marked cell in twenty "
@@ -542,7 +549,7 @@ def write_diversity(runs, out, budget_note):
             prior, mixture = [r["metrics"][key] for r in group], [r["metrics"][f"{key}_gmm"] for r in group]
             difference, spread = mean_and_spread([m - p for m, p in zip(mixture, prior)])
             p = paired_p_value(mixture, prior)
-            cell = f"{difference:+.{digits}f} ± {spread:.{digits}f}"
+            cell = mean_with_spread(difference, spread, f"+.{digits}f")
             if p is not None:
                 cell += f" **{words[difference > 0]}** p = {p:.2g}" if p < SIGNIFICANCE else f" p = {p:.2g}"
             cells.append(cell)
