@@ -46,6 +46,7 @@ import argparse
 import contextlib
 import csv
 import ctypes
+import hashlib
 import io
 import json
 import math
@@ -1231,6 +1232,7 @@ def library_versions():
 # -----------------------------------------------------------------------------
 
 CHECKPOINT = "checkpoint.pt"
+MEASURED_SO_FAR = "measured_so_far.pt"  # a stopped run's FIDs, until metrics.json holds them (KeptMeasurements)
 NOT_RESULT_SETTINGS = ("data_dir", "cache_dir", "out", "fid_weights", "device", "resume", "evaluate")  # where, not what
 
 
@@ -1492,7 +1494,8 @@ def evaluate(model, train_split, test_split, cfg, device):
     originals = to_model_range(test_split.images[:16].to(device))
     save_grid(torch.cat([originals, reconstruct(model, originals)]), cfg.out / "reconstructions.png", nrow=16)
     fid = fid_measurer(test_split, cfg, device)
-    metrics = {**fid(lambda n: generate(model, n, sampler, device), ""),
+    kept = KeptMeasurements(cfg.out, model, cfg, device)
+    metrics = {**kept.get("", lambda: fid(lambda n: generate(model, n, sampler, device), "")),
                "fid_samples": cfg.fid_samples}
 
     start = time.perf_counter()
@@ -1511,8 +1514,44 @@ def evaluate(model, train_split, test_split, cfg, device):
     metrics["mixture_fit_seconds"] = time.perf_counter() - start
     mixture_sampler = torch.Generator().manual_seed(cfg.seed)
     save_grid(generate(model, 144, mixture_sampler, device, mixture), cfg.out / "samples_gmm.png", nrow=12)
-    metrics.update(fid(lambda n: generate(model, n, mixture_sampler, device, mixture), "_gmm"))
+    metrics.update(kept.get("_gmm", lambda: fid(lambda n: generate(model, n, mixture_sampler, device, mixture),
+                                                "_gmm")))
     return metrics
+
+
+class KeptMeasurements:
+    """The FIDs that a stopped attempt already measured (an hour each at 10,000 samples on a CPU), kept in the
+    run's folder with what they measured: a hash of the model's weights and the settings their samples depend
+    on. --resume, or the same --evaluate command again, reads them back instead of measuring again; another
+    model or other settings find nothing to reuse. The run removes the file once metrics.json holds them.
+
+    Skipping the prior's FID changes no other number: the mixture's samples and the latent measurements
+    draw from their own seeded generators.
+    """
+
+    def __init__(self, folder, model, cfg, device):
+        weights = hashlib.sha256()
+        for name, tensor in model.state_dict().items():
+            weights.update(f"{name}{tuple(tensor.shape)}".encode())
+            weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        settings = ("dataset", "image_size", "subset", "seed", "fid_samples", "fid_2048", "fid_weights", "precision")
+        self.identity = {"weights_sha256": weights.hexdigest(), "device": str(device),
+                         **{name: str(getattr(cfg, name)) for name in settings}}
+        self.path = folder / MEASURED_SO_FAR
+        kept = load_from_cache(self.path)
+        self.measured = kept["measured"] if kept is not None and kept.get("identity") == self.identity else {}
+
+    def get(self, suffix, measure):
+        """The FID measurements named with suffix: read back if kept, else measured by measure() and kept."""
+        if suffix in self.measured:
+            print(f"FID-64{' of the mixture sampler' if suffix else ''}: {self.measured[suffix][f'fid{suffix}']:.4f}, "
+                  f"measured before the run was stopped (kept in {self.path.name})", flush=True)
+            return self.measured[suffix]
+        measured = measure()
+        if measured[f"fid{suffix}"] is not None:  # None: FID was skipped, and a later attempt may have the network
+            self.measured[suffix] = measured
+            save_to_cache({"identity": self.identity, "measured": self.measured}, self.path)
+        return measured
 
 
 def fid_measurer(test_split, cfg, device):
@@ -1651,12 +1690,15 @@ def what_is_kept(cfg, argv):
     """The end of a stopped run's message: what its folder keeps, and the command that continues it."""
     if cfg is None:
         return "nothing was written"
+    fids_kept = (cfg.out / MEASURED_SO_FAR).is_file()
     if cfg.evaluate is not None:
-        return f"the measurements in {cfg.out} are incomplete; to measure again: {shlex.join(['python', 'btvae.py', *argv])}"
+        return (f"the measurements in {cfg.out} are incomplete{'; the FIDs measured so far are kept' if fids_kept else ''}; "
+                f"to finish them: {shlex.join(['python', 'btvae.py', *argv])}")
     if not (cfg.out / CHECKPOINT).is_file():
         return "no epoch was checkpointed, so there is nothing to resume"
     resume = shlex.join(["python", "btvae.py", *argv, *([] if "--resume" in argv else ["--resume"])])
-    return f"everything up to the last checkpointed epoch is in {cfg.out}. To continue: {resume}"
+    return (f"everything up to the last checkpointed epoch{' and the FIDs measured so far' if fids_kept else ''} "
+            f"is in {cfg.out}. To continue: {resume}")
 
 
 def run(cfg):
@@ -1701,6 +1743,7 @@ def run(cfg):
                                    log=lambda line: print(line, flush=True))
     metrics = {**evaluate(model, train_split, test_split, cfg, device), **summary}
     write_json(metrics, cfg.out / "metrics.json")
+    (cfg.out / MEASURED_SO_FAR).unlink(missing_ok=True)  # metrics.json holds them now
     return metrics
 
 

@@ -1464,6 +1464,57 @@ def test_sigterm_during_the_measurements_keeps_the_training_and_resume_finishes(
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs_trained"] == 2
 
 
+def test_a_stop_during_the_measurements_keeps_the_fids_made_and_resume_makes_only_the_rest(
+        tmp_path, monkeypatch, capsys, mnist_with_stand_in_fid):
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(whole)])
+    real_mixture, real_features = btvae.LatentMixture, btvae.inception_features
+
+    def stop_after_the_priors_fid(*args):  # the mixture is fitted after the prior's FID and the latent metrics
+        raise KeyboardInterrupt
+    monkeypatch.setattr(btvae, "LatentMixture", stop_after_the_priors_fid)
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(stopped)])
+    assert exit_info.value.code == 130
+    assert "the last checkpointed epoch and the FIDs measured so far is in" in capsys.readouterr().err
+    assert (stopped / btvae.MEASURED_SO_FAR).is_file() and not (stopped / "metrics.json").exists()
+
+    monkeypatch.setattr(btvae, "LatentMixture", real_mixture)
+    measured = []
+
+    def features(network, make_batch, count, device, description="FID"):
+        measured.append(description)
+        return real_features(network, make_batch, count, device, description)
+    monkeypatch.setattr(btvae, "inception_features", features)
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(stopped), "--resume"])
+    assert [d for d in measured if d != "FID, test images"] == ["FID, samples"]  # the mixture's samples only
+    assert "measured before the run was stopped" in capsys.readouterr().out
+    assert_same_result(run_result(stopped), run_result(whole))
+    assert not (stopped / btvae.MEASURED_SO_FAR).exists()  # metrics.json holds the FIDs now
+
+
+def test_kept_fids_are_read_back_only_for_the_same_model_and_settings(tmp_path):
+    cfg, cpu = btvae.parse_config(["--out", str(tmp_path), "--fid-samples", "40"]), torch.device("cpu")
+    torch.manual_seed(0)
+    model, other_model = btvae.ConvVAE(1, 16, (8, 16), latent_dim=4), btvae.ConvVAE(1, 16, (8, 16), latent_dim=4)
+    btvae.KeptMeasurements(tmp_path, model, cfg, cpu).get("", lambda: {"fid": 1.5, "fid_2048": None})
+    measured_again = []
+
+    def measure():
+        measured_again.append(1)
+        return {"fid": 2.5, "fid_2048": None}
+    assert btvae.KeptMeasurements(tmp_path, model, cfg, cpu).get("", measure) == {"fid": 1.5, "fid_2048": None}
+    assert not measured_again
+    more_samples = btvae.parse_config(["--out", str(tmp_path), "--fid-samples", "80"])
+    for others in [(other_model, cfg, cpu), (model, more_samples, cpu), (model, cfg, torch.device("cuda"))]:
+        btvae.KeptMeasurements(tmp_path, *others).get("", measure)
+    assert len(measured_again) == 3
+    skipped = btvae.KeptMeasurements(tmp_path, model, cfg, cpu)
+    skipped.get("_gmm", lambda: {"fid_gmm": None})  # FID skipped (no network): nothing to keep
+    btvae.KeptMeasurements(tmp_path, model, cfg, cpu).get("_gmm", lambda: measure() and {"fid_gmm": 2.5})
+    assert len(measured_again) == 4
+
+
 def test_resuming_a_finished_run_does_nothing_and_rerunning_it_is_refused(tmp_path, capsys, mnist_with_stand_in_fid):
     out = tmp_path / "run"
     btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
