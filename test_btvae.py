@@ -1249,8 +1249,8 @@ def test_same_command_twice_gives_the_same_result(tmp_path, mnist_with_stand_in_
     assert_same_result(run_result(tmp_path / "first"), run_result(tmp_path / "second"))
 
 
-def test_ctrl_c_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys,
-                                                                       mnist_with_stand_in_fid):
+def test_ctrl_c_in_training_then_in_the_measurements_and_resume_ends_bit_for_bit_like_an_uninterrupted_run(
+        tmp_path, monkeypatch, capsys, mnist_with_stand_in_fid):
     btvae.main([*mnist_with_stand_in_fid, "--out", str(tmp_path / "straight")])
     out = tmp_path / "interrupted"
     real_loss = signal_during_loss_call(monkeypatch, call=2 * 4 + 2)  # the second training step of epoch 3
@@ -1263,9 +1263,33 @@ def test_ctrl_c_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(tmp_path,
     assert len(torch.load(out / "checkpoint.pt", weights_only=True)["history"]) == 2  # epoch 3 was abandoned
 
     monkeypatch.setattr(btvae, "btvae_loss", real_loss)
+    real_mixture, real_features = btvae.LatentMixture, btvae.inception_features
+
+    def ctrl_c_after_the_priors_fid(*args):  # the mixture is fitted after the prior's FID and the latent metrics
+        raise KeyboardInterrupt
+    monkeypatch.setattr(btvae, "LatentMixture", ctrl_c_after_the_priors_fid)
+    with pytest.raises(SystemExit) as exit_info:
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--resume"])
+    assert exit_info.value.code == 130
+    output = capsys.readouterr()
+    assert "resuming after epoch 2" in output.out
+    assert "the last checkpointed epoch and the FIDs measured so far is in" in output.err
+    assert (out / btvae.MEASURED_SO_FAR).is_file() and not (out / "metrics.json").exists()
+
+    monkeypatch.setattr(btvae, "LatentMixture", real_mixture)
+    measured = []
+
+    def features(network, make_batch, count, device, description="FID"):
+        measured.append(description)
+        return real_features(network, make_batch, count, device, description)
+    monkeypatch.setattr(btvae, "inception_features", features)
     btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--resume"])
-    assert "resuming after epoch 2" in capsys.readouterr().out
+    assert measured == ["FID, samples"]  # the mixture's samples only: the prior's FID was kept
+    output = capsys.readouterr()
+    assert "resuming after epoch 4 (training had finished)" in output.out
+    assert "measured before the run was stopped" in output.out
     assert_same_result(run_result(out), run_result(tmp_path / "straight"))
+    assert not (out / btvae.MEASURED_SO_FAR).exists()  # metrics.json holds the FIDs now
 
 
 def test_second_ctrl_c_stops_at_once_and_the_checkpoint_stays_usable(tmp_path, monkeypatch, capsys,
@@ -1462,35 +1486,6 @@ def test_sigterm_during_the_measurements_keeps_the_training_and_resume_finishes(
     btvae.main([*argv, "--resume"])
     assert "resuming after epoch 2 (training had finished)" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs_trained"] == 2
-
-
-def test_a_stop_during_the_measurements_keeps_the_fids_made_and_resume_makes_only_the_rest(
-        tmp_path, monkeypatch, capsys, mnist_with_stand_in_fid):
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    btvae.main([*mnist_with_stand_in_fid, "--out", str(whole)])
-    real_mixture, real_features = btvae.LatentMixture, btvae.inception_features
-
-    def stop_after_the_priors_fid(*args):  # the mixture is fitted after the prior's FID and the latent metrics
-        raise KeyboardInterrupt
-    monkeypatch.setattr(btvae, "LatentMixture", stop_after_the_priors_fid)
-    with pytest.raises(SystemExit) as exit_info:
-        btvae.main([*mnist_with_stand_in_fid, "--out", str(stopped)])
-    assert exit_info.value.code == 130
-    assert "the last checkpointed epoch and the FIDs measured so far is in" in capsys.readouterr().err
-    assert (stopped / btvae.MEASURED_SO_FAR).is_file() and not (stopped / "metrics.json").exists()
-
-    monkeypatch.setattr(btvae, "LatentMixture", real_mixture)
-    measured = []
-
-    def features(network, make_batch, count, device, description="FID"):
-        measured.append(description)
-        return real_features(network, make_batch, count, device, description)
-    monkeypatch.setattr(btvae, "inception_features", features)
-    btvae.main([*mnist_with_stand_in_fid, "--out", str(stopped), "--resume"])
-    assert [d for d in measured if d != "FID, test images"] == ["FID, samples"]  # the mixture's samples only
-    assert "measured before the run was stopped" in capsys.readouterr().out
-    assert_same_result(run_result(stopped), run_result(whole))
-    assert not (stopped / btvae.MEASURED_SO_FAR).exists()  # metrics.json holds the FIDs now
 
 
 def test_kept_fids_are_read_back_only_for_the_same_model_and_settings(tmp_path):
