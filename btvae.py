@@ -481,7 +481,7 @@ def save_grid(images, path, nrow):
 
 
 def load_from_cache(path):
-    """What save_to_cache kept at path, or None if there is nothing (readable) there: it is then made again."""
+    """What save_to_cache (or save_atomically) wrote at path, or None if nothing readable is there: made again."""
     if not path.is_file():
         return None
     try:
@@ -1521,9 +1521,10 @@ def evaluate(model, train_split, test_split, cfg, device):
 
 class KeptMeasurements:
     """The FIDs that a stopped attempt already measured (an hour each at 10,000 samples on a CPU), kept in the
-    run's folder with what they measured: a hash of the model's weights and the settings their samples depend
-    on. --resume, or the same --evaluate command again, reads them back instead of measuring again; another
-    model or other settings find nothing to reuse. The run removes the file once metrics.json holds them.
+    run's folder with what they measured: a hash of the model's weights, the run's settings (as a checkpoint
+    keeps them) and the device. --resume, or the same --evaluate command again, reads them back instead of
+    measuring again; another model, settings or device find nothing to reuse. The run removes the file once
+    metrics.json holds them.
 
     Skipping the prior's FID changes no other number: the mixture's samples and the latent measurements
     draw from their own seeded generators.
@@ -1534,9 +1535,7 @@ class KeptMeasurements:
         for name, tensor in model.state_dict().items():
             weights.update(f"{name}{tuple(tensor.shape)}".encode())
             weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        settings = ("dataset", "image_size", "subset", "seed", "fid_samples", "fid_2048", "fid_weights", "precision")
-        self.identity = {"weights_sha256": weights.hexdigest(), "device": str(device),
-                         **{name: str(getattr(cfg, name)) for name in settings}}
+        self.identity = {"weights_sha256": weights.hexdigest(), "device": str(device), **result_settings(cfg)}
         self.path = folder / MEASURED_SO_FAR
         kept = load_from_cache(self.path)
         self.measured = kept["measured"] if kept is not None and kept.get("identity") == self.identity else {}
@@ -1550,7 +1549,7 @@ class KeptMeasurements:
         measured = measure()
         if measured[f"fid{suffix}"] is not None:  # None: FID was skipped, and a later attempt may have the network
             self.measured[suffix] = measured
-            save_to_cache({"identity": self.identity, "measured": self.measured}, self.path)
+            save_atomically({"identity": self.identity, "measured": self.measured}, self.path)
         return measured
 
 
@@ -1692,7 +1691,8 @@ def what_is_kept(cfg, argv):
         return "nothing was written"
     fids_kept = (cfg.out / MEASURED_SO_FAR).is_file()
     if cfg.evaluate is not None:
-        return (f"the measurements in {cfg.out} are incomplete{'; the FIDs measured so far are kept' if fids_kept else ''}; "
+        kept = "; the FIDs measured so far are kept" if fids_kept else ""
+        return (f"the measurements in {cfg.out} are incomplete{kept}; "
                 f"to finish them: {shlex.join(['python', 'btvae.py', *argv])}")
     if not (cfg.out / CHECKPOINT).is_file():
         return "no epoch was checkpointed, so there is nothing to resume"

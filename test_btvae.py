@@ -1406,7 +1406,7 @@ def failing_write(monkeypatch, name, when=1):
 
 
 @pytest.mark.parametrize("name, when", [("checkpoint.pt", 2), ("model.pt", 2), ("history.csv", 3),
-                                        ("samples.png", 1), ("metrics.json", 1)])
+                                        ("samples.png", 1), ("measured_so_far.pt", 2), ("metrics.json", 1)])
 def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_resume_finishes(name, when, tmp_path, monkeypatch,
                                                                                capsys, mnist_with_stand_in_fid):
     out = tmp_path / "run"
@@ -1495,9 +1495,9 @@ def test_kept_fids_are_read_back_only_for_the_same_model_and_settings(tmp_path):
     btvae.KeptMeasurements(tmp_path, model, cfg, cpu).get("", lambda: {"fid": 1.5, "fid_2048": None})
     measured_again = []
 
-    def measure():
+    def measure(suffix=""):
         measured_again.append(1)
-        return {"fid": 2.5, "fid_2048": None}
+        return {f"fid{suffix}": 2.5, f"fid_2048{suffix}": None}
     assert btvae.KeptMeasurements(tmp_path, model, cfg, cpu).get("", measure) == {"fid": 1.5, "fid_2048": None}
     assert not measured_again
     more_samples = btvae.parse_config(["--out", str(tmp_path), "--fid-samples", "80"])
@@ -1506,7 +1506,7 @@ def test_kept_fids_are_read_back_only_for_the_same_model_and_settings(tmp_path):
     assert len(measured_again) == 3
     skipped = btvae.KeptMeasurements(tmp_path, model, cfg, cpu)
     skipped.get("_gmm", lambda: {"fid_gmm": None})  # FID skipped (no network): nothing to keep
-    btvae.KeptMeasurements(tmp_path, model, cfg, cpu).get("_gmm", lambda: measure() and {"fid_gmm": 2.5})
+    btvae.KeptMeasurements(tmp_path, model, cfg, cpu).get("_gmm", lambda: measure("_gmm"))
     assert len(measured_again) == 4
 
 

@@ -116,9 +116,11 @@ def mean_and_spread(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def mean_with_spread(mean, spread, format_spec):
-    """'mean ± sd' formatted with format_spec, or the mean alone where one seed gives no spread."""
-    return f"{mean:{format_spec}}" if spread is None else f"{mean:{format_spec}} ± {spread:{format_spec.lstrip('+')}}"
+def mean_with_spread(mean, spread, digits, sign=""):
+    """'mean ± sd' with the digits given (sign "+": the mean's sign always shown), or the mean alone where one
+    seed gives no spread."""
+    shown = f"{mean:{sign}.{digits}f}"
+    return shown if spread is None else f"{shown} ± {spread:.{digits}f}"
 
 
 # Table 1's metrics: metrics.json's key, the column's title, and the digits shown. FID-64 is the paper's; the
@@ -196,7 +198,7 @@ def mean_cell(row, key, digits):
     the p-value of Welch's t-test against the VAE, with the side in bold where p < SIGNIFICANCE."""
     if row[f"{key}_mean"] is None:
         return "-"
-    cell = mean_with_spread(row[f"{key}_mean"], row[f"{key}_std"], f".{digits}f")
+    cell = mean_with_spread(row[f"{key}_mean"], row[f"{key}_std"], digits)
     if row[f"{key}_n"] != len(row["seeds"].split(",")):
         cell += f" (n = {row[f'{key}_n']})"
     p = row.get(f"{key}_p_vs_vae")
@@ -229,9 +231,8 @@ def write_table1(rows, out, budget_note):
     lines = ["# Table 1: FID of BTVAE and the VAE, the diversity of their samples, and their latent spaces", ""]
     if budget_note:
         lines += [f"> **{budget_note}. Not the paper's protocol; do not compare magnitudes with it.**", ""]
-    lines += ["Mean ± standard deviation over the seeds listed (the value alone for one seed; n where fewer seeds have a "
-              "measurement). Beside each "
-              "BTVAE value, the p-value of Welch's t-test (two-sided) of its seeds against the VAE's; where "
+    lines += ["Mean ± standard deviation over the seeds listed (the value alone for one seed; n where fewer seeds "
+              "have a measurement). Beside each BTVAE value, the p-value of Welch's t-test (two-sided) of its seeds against the VAE's; where "
               f"p < {SIGNIFICANCE} the side is marked **higher**, **lower**, **better** or **worse**. The threshold "
               "is per comparison, not corrected for the many in this table: expect about one marked cell in twenty "
               "by chance where there is no difference. With 3 seeds a side, a difference of less than about three "
@@ -549,7 +550,7 @@ def write_diversity(runs, out, budget_note):
             prior, mixture = [r["metrics"][key] for r in group], [r["metrics"][f"{key}_gmm"] for r in group]
             difference, spread = mean_and_spread([m - p for m, p in zip(mixture, prior)])
             p = paired_p_value(mixture, prior)
-            cell = mean_with_spread(difference, spread, f"+.{digits}f")
+            cell = mean_with_spread(difference, spread, digits, sign="+")
             if p is not None:
                 cell += f" **{words[difference > 0]}** p = {p:.2g}" if p < SIGNIFICANCE else f" p = {p:.2g}"
             cells.append(cell)
