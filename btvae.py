@@ -427,6 +427,7 @@ def reconstruct(model, images):
 
 class UsageError(Exception):
     """Bad input from the user: shown as one line, exit status 2, nothing written."""
+    exit_status = 2
 
 
 class FIDUnavailable(Exception):
@@ -1652,6 +1653,12 @@ def one_run_per_folder(out):
         release(lock)
 
 
+class FolderInUse(UsageError):
+    """Another run holds the --out folder. Its own exit status, sysexits' EX_TEMPFAIL ("try again later"), lets
+    run_all.sh tell this apart from a failed run: the folder is left to the run that holds it, unmarked."""
+    exit_status = 75
+
+
 def lock_folder(folder):
     """An open descriptor of `folder` holding its exclusive lock; None where there are no flocks (Windows)."""
     if fcntl is None:
@@ -1662,7 +1669,7 @@ def lock_folder(folder):
     except OSError:
         os.close(descriptor)
         holder = lock_holder(folder)
-        raise UsageError(f"{folder} is in use by another run{f' (process {holder})' if holder else ''}; "
+        raise FolderInUse(f"{folder} is in use by another run{f' (process {holder})' if holder else ''}; "
                          "wait for it to end, or choose another --out") from None
     return descriptor
 
@@ -1763,7 +1770,7 @@ def main(argv=None):
             run(cfg)
     except UsageError as error:
         print(f"btvae.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(error.exit_status)
     except TrainingDiverged as error:
         print(f"btvae.py: stopped: {error}; the best weights and history so far are in {cfg.out}", file=sys.stderr)
         sys.exit(1)

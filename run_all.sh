@@ -80,7 +80,8 @@ PY
 }
 
 # Runs one planned line; never fails the sweep: a failure is written to FAILED in the run's folder. A folder
-# that another run holds (a second sweep into the same OUT) is left to it, untouched.
+# that another run holds (a second sweep into the same OUT) is left to it, untouched; if that run takes it in the
+# moment after the check, btvae.py is refused (exit status 75) and the folder keeps only that line in its log.
 run_one() {
   local name=$1; shift
   local dir="$OUT/runs/$name"
@@ -99,6 +100,8 @@ run_one() {
   "$PYTHON" btvae.py "$@" "${extra[@]}" >> "$dir/log.txt" 2>&1 || status=$?
   if [ "$status" = 0 ]; then
     echo "finished: $name ($((SECONDS - start)) s)"
+  elif [ "$status" = 75 ]; then  # btvae.py's "folder in use": another run took it after the check above
+    echo "busy: $name: another run holds its folder; left to it"
   else
     echo "exit status $status: $(grep -v '^\s*$' "$dir/log.txt" | tail -n 1)" > "$dir/FAILED"
     echo "FAILED: $name: $(cat "$dir/FAILED")"

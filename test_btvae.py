@@ -1372,7 +1372,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_before_it_writes_anything(
         for other in (["--lam2", "0"], ["--lam2", "0.025", "--resume"]):  # --resume too, before it reads the checkpoint
             with pytest.raises(SystemExit) as exit_info:
                 btvae.main([*command[2:], *other])
-            assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == refusal
+            assert exit_info.value.code == 75 and capsys.readouterr().err.strip() == refusal
         assert (out / "config.json").read_text() == config_written  # still the first run's settings alone
         assert first.poll() is None  # and the first run goes on
     finally:
@@ -2056,6 +2056,12 @@ def test_run_all_end_to_end_resumes_and_carries_on_past_a_failing_run(tmp_path):
     lock = btvae.lock_folder(held)
     try:
         second = run_sweep(tmp_path, LAMBDAS="0 nan", SEEDS="0")
+        # The other run may take the folder in the moment after run_all.sh checked it: a Python that finds every
+        # folder free at the check stands in for that moment; btvae.py is refused, and it is still left to its run.
+        checks_pass = tmp_path / "python_checks_pass"
+        checks_pass.write_text(f'#!/usr/bin/env bash\n[ "$1" = - ] && exit 1\nexec "{sys.executable}" "$@"\n')
+        checks_pass.chmod(0o755)
+        third = run_sweep(tmp_path, LAMBDAS="0 nan", SEEDS="0", PYTHON=str(checks_pass))
     finally:
         btvae.release(lock)
     assert second.returncode == 0, second.stderr
@@ -2063,7 +2069,10 @@ def test_run_all_end_to_end_resumes_and_carries_on_past_a_failing_run(tmp_path):
     assert sorted(started) == [f"start: {never_run}", "start: mnist_lam2=0_seed0", "start: mnist_lam2=nan_seed0"]
     if btvae.fcntl is not None:  # where there are flocks, the held folder is left to its run, untouched
         assert f"busy: {held.name}: another run holds its folder; left to it" in second.stdout
-        assert sorted(p.name for p in held.iterdir()) == held_files
+        assert f"start: {held.name}" in third.stdout and f"FAILED: {held.name}" not in third.stdout
+        assert f"busy: {held.name}: another run holds its folder; left to it" in third.stdout
+        assert sorted(p.name for p in held.iterdir()) == held_files  # no FAILED: the run there has not failed
+        assert "is in use by another run" in (held / "log.txt").read_text().splitlines()[-1]
     assert (results / "runs" / never_run / "metrics.json").is_file()
     resumed_log = (results / "runs" / "mnist_lam2=0_seed0" / "log.txt").read_text()
     assert "resuming after epoch 1 (training had finished)" in resumed_log
