@@ -426,7 +426,7 @@ def reconstruct(model, images):
 # =============================================================================
 
 class UsageError(Exception):
-    """Bad input from the user: shown as one line, exit status 2, nothing written."""
+    """Bad input from the user: shown as one line and the exit status below, with nothing written."""
     exit_status = 2
 
 
