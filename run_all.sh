@@ -108,13 +108,34 @@ run_one() {
   fi
 }
 
+# Stops every run in process group $1 and waits until each has saved what it keeps, then ends with status $2 (130
+# for Ctrl-C, 143 for SIGTERM, as the shell would report them), leaving the tables as they were.
+stop_sweep() {
+  kill -TERM -- "-$1" 2>/dev/null || true
+  while kill -0 -- "-$1" 2>/dev/null; do sleep 1; done
+  echo "run_all.sh: stopped; each run keeps its last checkpoint (its log.txt says what it kept);" \
+    "./run_all.sh again, with the same settings, continues the sweep" >&2
+  exit "$2"
+}
+
 if [ "${REPORT_ONLY:-0}" != 1 ]; then
   # Runs are independent: JOBS of them at a time share the cores (each gets cores / JOBS threads).
   threads=$(( $(nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
   export OUT EPOCHS DATA_DIR CACHE_DIR SUBSET FID_WEIGHTS FID_2048 PYTHON OMP_NUM_THREADS=$threads
   export -f run_one folder_busy
   started=$SECONDS
-  plan | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
+  # The runs get a process group of their own (job control: set -m), so that a stop reaches every one of them:
+  # Ctrl-C, or SIGTERM to this script alone (kill, a job scheduler), is passed on to the whole group, and each
+  # run stops as btvae.py does, keeping its last checkpoint. Without this, a kill of the script alone would leave
+  # the runs going on unseen.
+  set -m
+  plan | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _ &
+  set +m
+  runs=$(jobs -p)
+  trap 'stop_sweep "$runs" 130' INT
+  trap 'stop_sweep "$runs" 143' TERM
+  wait $!
+  trap - INT TERM
   echo "sweep took $((SECONDS - started)) s"
 fi
 

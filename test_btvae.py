@@ -2030,6 +2030,33 @@ def run_sweep(tmp_path, **knobs):
     return subprocess.run(["bash", str(HERE / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
 
 
+@NO_FILE_LOCKS
+def test_run_all_stopped_by_sigterm_to_itself_alone_stops_every_run_keeping_its_checkpoint(tmp_path):
+    make_mnist(tmp_path / "data")
+    env = {**os.environ, "PYTHON": sys.executable, "DATA_DIR": str(tmp_path / "data"), "OUT": str(tmp_path / "results"),
+           "DATASETS": "mnist", "SEEDS": "0", "LAMBDAS": "0", "EPOCHS": "50", "FID_SAMPLES": "0", "JOBS": "1"}
+    sweep = subprocess.Popen(["bash", str(HERE / "run_all.sh")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
+    runs = tmp_path / "results" / "runs"
+    try:
+        deadline = time.monotonic() + 120
+        while not list(runs.glob("*/checkpoint.pt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sweep.send_signal(signal.SIGTERM)  # to run_all.sh only, as `kill PID` does, not to its process group
+        _, error = sweep.communicate(timeout=120)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 143, error
+    assert "run_all.sh: stopped; each run keeps its last checkpoint" in error
+    [stopped] = runs.iterdir()  # the sweep's first run, stopped after its first epoch; the rest never started
+    assert "btvae.py: interrupted; everything up to the last checkpointed epoch" in (stopped / "log.txt").read_text()
+    assert (stopped / "checkpoint.pt").is_file()
+    for folder in runs.iterdir():
+        assert not (folder / "FAILED").exists()  # a stopped run has not failed: ./run_all.sh again continues it
+        btvae.release(btvae.lock_folder(folder))  # no run holds its folder: every one has ended
+    assert not (tmp_path / "results" / "table1.md").exists()  # a stopped sweep leaves the tables as they were
+
+
 def test_run_all_end_to_end_resumes_and_carries_on_past_a_failing_run(tmp_path):
     make_mnist(tmp_path / "data")
     first = run_sweep(tmp_path, LAMBDAS="0 nan", SEEDS="0")
