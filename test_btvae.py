@@ -2023,6 +2023,36 @@ def test_report_names_runs_that_predate_the_latent_measurements(tmp_path):
     assert folder == old and f"--evaluate {old / 'model.pt'}" in command
 
 
+@pytest.mark.parametrize("stop", ["full disk", "Ctrl-C"])
+def test_a_report_stopped_part_way_leaves_every_table_whole_and_says_how_to_remake_them(stop, tmp_path, monkeypatch,
+                                                                                        capsys):
+    for seed in (0, 1):
+        fabricate_run(tmp_path / "runs", "mnist", 0.0, seed, 1.0)
+    report.main([str(tmp_path)])
+    before = (tmp_path / "table1.md").read_text()
+    fabricate_run(tmp_path / "runs", "mnist", 0.0, 2, 1.0)  # a third seed: the table would change
+    if stop == "full disk":
+        failing_write(monkeypatch, "table1.md")
+    else:
+        write_atomically = btvae.write_atomically
+
+        def press_ctrl_c_during_table1(path, data):
+            if path.name == "table1.md":
+                raise KeyboardInterrupt
+            write_atomically(path, data)
+        monkeypatch.setattr(btvae, "write_atomically", press_ctrl_c_during_table1)
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path)])
+    again = f"python tools/report.py {tmp_path} remakes them all from the runs, which it never changes"
+    if stop == "full disk":
+        assert exit_info.value.code == (f"report.py: stopped: could not write {tmp_path / 'table1.md'} (No space left "
+                                        f"on device); every other file is whole, and {again}")
+    else:
+        assert exit_info.value.code == 130
+        assert capsys.readouterr().err.strip() == f"report.py: interrupted; every file is whole, and {again}"
+    assert (tmp_path / "table1.md").read_text() == before and not list(tmp_path.glob(".*.tmp"))
+
+
 def run_sweep(tmp_path, **knobs):
     env = {**os.environ, "PYTHON": sys.executable, "DATA_DIR": str(tmp_path / "data"), "OUT": str(tmp_path / "results"),
            "DATASETS": "mnist", "SEEDS": "0 1", "LAMBDAS": "0 0.025 nan", "EPOCHS": "1", "FID_SAMPLES": "0",

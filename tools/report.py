@@ -28,11 +28,11 @@ run_all.sh calls this after its runs; it is kept separate from btvae.py so that 
 import argparse
 import csv
 import html
+import io
 import json
 import math
 import random
 import re
-import shutil
 import statistics
 import sys
 import textwrap
@@ -214,16 +214,29 @@ PAPER_FID_NOTE = ("the paper's FID-64 (Table 1) for reference only: the paper sa
                   "produced Table 1 is not known")
 
 
+# Every output is written whole or not at all (btvae.write_atomically): a full disk or a stop part-way through a
+# report leaves each file as it was before or as it is now, never cut short, and the error names the file.
+def write_text(path, text):
+    btvae.write_atomically(path, text.encode())
+
+
+def save_figure(figure, path):
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
+    btvae.write_atomically(path, image.getvalue())
+
+
 def write_table1(rows, out, budget_note):
     keys = [key for key, _, _ in SAMPLE_METRICS + LATENT_METRICS]
     columns = ["dataset", "model", "lam2", "seeds",
                *(f"{key}_{part}" for key in keys for part in ("mean", "std", "n", "p_vs_vae", "versus_vae")),
                "pixel_probe_accuracy", "epochs_trained_mean", "paper_fid", "failed", "budget"]
-    with open(out / "table1.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**{k: row[k] for k in columns if k != "budget"}, "budget": budget_note or "full"})
+    csv_text = io.StringIO(newline="")
+    writer = csv.DictWriter(csv_text, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**{k: row[k] for k in columns if k != "budget"}, "budget": budget_note or "full"})
+    write_text(out / "table1.csv", csv_text.getvalue())
 
     def setting(row):
         return f"| {row['dataset']} | {row['model']} | {row['lam2']:g} | {row['seeds'] or '-'} "
@@ -271,7 +284,7 @@ def write_table1(rows, out, budget_note):
     failures = [f"- {r['dataset']} lambda2 = {r['lam2']:g}: {r['failed']}" for r in rows if r["failed"]]
     if failures:
         lines += ["", "Failed or unfinished runs:", *failures]
-    (out / "table1.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "table1.md", "\n".join(lines) + "\n")
 
 
 def representative_run(runs, dataset, lam2):
@@ -321,7 +334,7 @@ def write_figure2(runs, rows, dataset, out, budget_note):
             axis.axis("off")
     suptitle(figure, f"Figure 2, {dataset}: 144 samples", budget_note)
     path = out / f"figure2_{dataset}.png"
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
     plt.close(figure)
     return path
 
@@ -351,7 +364,7 @@ def write_figure3(runs, out, budget_note):
     figure.colorbar(scatter, ax=axes, ticks=range(10), label="digit")
     suptitle(figure, "Figure 3: MNIST test images' posterior means, 2-d latent space", budget_note)
     path = out / "figure3.png"
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
     plt.close(figure)
     return path
 
@@ -385,7 +398,7 @@ def write_latent_figure(runs, rows, dataset, out, budget_note):
     suptitle(figure, f"Latent space, {dataset}: |correlation| between the dimensions of mu over the test images, "
                      "ordered by their variance (top), and the variances (bottom)", budget_note)
     path = out / f"latent_{dataset}.png"
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
     plt.close(figure)
     return path
 
@@ -464,7 +477,7 @@ def write_early_stopping(runs, out, budget_note):
                      f"| {r['best_epoch']:.1f} | {r['elbo_best_epoch']:.1f} | {r['different_epoch']} "
                      f"| {100 * r['elbo_cost']:.1f}% | {100 * r['bt_share']:.1f}% | {ratios} |")
     path = out / "early_stopping.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -483,11 +496,11 @@ def write_table2(runs, rows, dataset, out, budget_note):
     key = {}
     for letter, model in zip("AB", order):
         run = models[model]
-        shutil.copyfile(run["folder"] / "samples.png", folder / f"{letter}.png")
+        btvae.write_atomically(folder / f"{letter}.png", (run["folder"] / "samples.png").read_bytes())
         key[letter] = {"model": model, "lam2": run["lam2"], "seed": run["seed"], "run": run["folder"].name}
-    key_path.write_text(json.dumps(key, indent=2) + "\n")
+    write_text(key_path, json.dumps(key, indent=2) + "\n")
     warning = f"<p style='color:firebrick'><b>Reduced budget: {html.escape(budget_note)}</b></p>" if budget_note else ""
-    (folder / "index.html").write_text(f"""<!doctype html>
+    write_text(folder / "index.html", f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Which group is more diverse?</title></head>
 <body style="font-family: sans-serif; max-width: 1000px; margin: 2em auto">
 {warning}<p>{html.escape(TABLE2_QUESTION)}</p>
@@ -571,7 +584,7 @@ def write_diversity(runs, out, budget_note):
             lines.append(f"| {dataset} | {sampler} | {orders[0]} | {orders[1]} | {kendall_cell(list(means.values()))} "
                          f"| {kendall_cell(single)} |")
     path = out / "diversity.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -602,7 +615,7 @@ def write_cost(runs, out, budget_note):
     lines.append(f"| all {len(finished)} runs | | " + " | ".join(f"{total:,.0f}" for total in totals)
                  + f" | {sum(totals):,.0f} ({sum(totals) / 3600:.1f} hours) |")
     path = out / "cost.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -633,7 +646,7 @@ def write_budgets(rows, out):
             lines.append(f"| {title} | " + " | ".join(cells) + " |")
         lines.append("")
     path = out / "budgets.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
 
 
@@ -663,14 +676,21 @@ def runs_without_latent_measurements(out):
                                   f"--out {run['folder'] / 'evaluation'}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Tables and figures from finished btvae.py runs (no training).")
     parser.add_argument("out", type=Path, help="the sweep's folder, holding runs/")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not (args.out / "runs").is_dir():
         raise SystemExit(f"report.py: error: {args.out / 'runs'} does not exist; pass the folder run_all.sh wrote (OUT)")
-    for path in make_report(args.out):
-        print(f"wrote {path}")
+    again = f"python tools/report.py {args.out} remakes them all from the runs, which it never changes"
+    try:
+        for path in make_report(args.out):
+            print(f"wrote {path}")
+    except btvae.WriteFailed as error:
+        raise SystemExit(f"report.py: stopped: {error}; every other file is whole, and {again}") from None
+    except KeyboardInterrupt:
+        print(f"report.py: interrupted; every file is whole, and {again}", file=sys.stderr)
+        sys.exit(130)
     for folder, command in runs_without_latent_measurements(args.out):
         print(f"note: {folder} has no latent.pt (made by an older btvae.py), so it is missing from the latent-space "
               f"columns and figures; measure its model with: {command}")
