@@ -1712,9 +1712,13 @@ def run(cfg):
     """Train (or, with --evaluate, load) a model, then sample and measure it; returns metrics.json's contents."""
     device = pick_device(cfg.device)
     checkpoint = None
+    # A folder holds one run's files: a new run or evaluation never writes over another's (a finished run whose
+    # checkpoint.pt was deleted to save space included), and an evaluation never joins a training run.
+    if (cfg.out / "metrics.json").is_file() and not cfg.resume:
+        raise UsageError(f"{cfg.out} already holds results; choose another --out (or delete it)")
     if cfg.evaluate is not None:
-        if (cfg.out / "metrics.json").is_file():
-            raise UsageError(f"{cfg.out} already holds results; choose another --out (or delete it)")
+        if (cfg.out / CHECKPOINT).is_file():
+            raise UsageError(f"{cfg.out} holds a training run; choose another --out for this evaluation")
     elif cfg.resume:
         checkpoint = read_checkpoint(cfg.out / CHECKPOINT, cfg)
         if (cfg.out / "metrics.json").is_file():

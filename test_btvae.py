@@ -1510,7 +1510,7 @@ def test_kept_fids_are_read_back_only_for_the_same_model_and_settings(tmp_path):
     assert len(measured_again) == 4
 
 
-def test_resuming_a_finished_run_does_nothing_and_rerunning_it_is_refused(tmp_path, capsys, mnist_with_stand_in_fid):
+def test_resuming_a_finished_run_does_nothing_and_rerunning_it_is_refused_even_without_its_checkpoint(tmp_path, capsys, mnist_with_stand_in_fid):
     out = tmp_path / "run"
     btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
     written = (out / "metrics.json").stat().st_mtime_ns
@@ -1518,9 +1518,14 @@ def test_resuming_a_finished_run_does_nothing_and_rerunning_it_is_refused(tmp_pa
     btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--resume"])
     assert "finished run: nothing to resume" in capsys.readouterr().out
     assert (out / "metrics.json").stat().st_mtime_ns == written
-    with pytest.raises(SystemExit) as exit_info:
-        btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
-    assert exit_info.value.code == 2 and "add --resume to continue it" in capsys.readouterr().err
+    refusal = f"btvae.py: error: {out} already holds results; choose another --out (or delete it)"
+    for deleted in ([], ["checkpoint.pt"]):  # the same run again, and again once its checkpoint is deleted
+        for name in deleted:
+            (out / name).unlink()
+        with pytest.raises(SystemExit) as exit_info:
+            btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
+        assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == refusal
+        assert (out / "metrics.json").stat().st_mtime_ns == written
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -1659,6 +1664,9 @@ def evaluate_bad_input(tmp_path, damage):
     elif damage == "out holds results":
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "metrics.json").write_text("{}")
+    elif damage == "out holds a training run":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "checkpoint.pt").write_text("")
     return argv
 
 
@@ -1672,6 +1680,7 @@ EVALUATE_BAD_INPUT = {
     "other data set": "was trained on 1-channel images, and --dataset cifar10 has 3; pass the data set it was "
                       "trained on (--dataset mnist)",
     "out holds results": "already holds results; choose another --out",
+    "out holds a training run": "holds a training run; choose another --out for this evaluation",
 }
 
 
@@ -1684,7 +1693,7 @@ def test_evaluate_bad_input_is_one_line_exit_2_and_writes_nothing(damage, tmp_pa
     assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1 and EVALUATE_BAD_INPUT[damage] in error
     assert "weights_only" not in error and len(error) < 200 + len(str(tmp_path))  # one short line
     out = tmp_path / "out"
-    assert not out.exists() or [p.name for p in out.iterdir()] == ["metrics.json"]
+    assert not out.exists() or [p.name for p in out.iterdir()] in (["metrics.json"], ["checkpoint.pt"])
 
 
 # The pretrained models (README, "Pretrained models"): the median-FID seed of the full-budget MNIST sweep.
