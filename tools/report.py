@@ -221,8 +221,10 @@ def write_text(path, text):
 
 
 def save_figure(figure, path):
+    """Writes the figure as a PNG and closes it."""
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=100)
+    pyplot().close(figure)
     btvae.write_atomically(path, image.getvalue())
 
 
@@ -245,7 +247,8 @@ def write_table1(rows, out, budget_note):
     if budget_note:
         lines += [f"> **{budget_note}. Not the paper's protocol; do not compare magnitudes with it.**", ""]
     lines += ["Mean ± standard deviation over the seeds listed (the value alone for one seed; n where fewer seeds "
-              "have a measurement). Beside each BTVAE value, the p-value of Welch's t-test (two-sided) of its seeds against the VAE's; where "
+              "have a measurement). Beside each BTVAE value, the p-value of Welch's t-test (two-sided) of its "
+              "seeds against the VAE's; where "
               f"p < {SIGNIFICANCE} the side is marked **higher**, **lower**, **better** or **worse**. The threshold "
               "is per comparison, not corrected for the many in this table: expect about one marked cell in twenty "
               "by chance where there is no difference. With 3 seeds a side, a difference of less than about three "
@@ -335,7 +338,6 @@ def write_figure2(runs, rows, dataset, out, budget_note):
     suptitle(figure, f"Figure 2, {dataset}: 144 samples", budget_note)
     path = out / f"figure2_{dataset}.png"
     save_figure(figure, path)
-    plt.close(figure)
     return path
 
 
@@ -365,7 +367,6 @@ def write_figure3(runs, out, budget_note):
     suptitle(figure, "Figure 3: MNIST test images' posterior means, 2-d latent space", budget_note)
     path = out / "figure3.png"
     save_figure(figure, path)
-    plt.close(figure)
     return path
 
 
@@ -399,7 +400,6 @@ def write_latent_figure(runs, rows, dataset, out, budget_note):
                      "ordered by their variance (top), and the variances (bottom)", budget_note)
     path = out / f"latent_{dataset}.png"
     save_figure(figure, path)
-    plt.close(figure)
     return path
 
 
