@@ -47,6 +47,7 @@ import contextlib
 import csv
 import ctypes
 import hashlib
+import importlib.metadata
 import io
 import json
 import math
@@ -1213,11 +1214,13 @@ def load_model(path, device="cpu"):
 
 
 def library_versions():
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__}
-    for name, module in (("torchvision", "torchvision"), ("torch_fidelity", "torch_fidelity"), ("scikit_learn", "sklearn")):
+    import torchvision  # already loaded with the data; its version, like torch's, names its build (+cu130, +cpu)
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__}
+    # the others' from their installed metadata: importing them takes seconds a run's start should not wait for
+    for name, package in (("torch_fidelity", "torch-fidelity"), ("scikit_learn", "scikit-learn")):
         try:
-            versions[name] = __import__(module).__version__
-        except ImportError:
+            versions[name] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
 

@@ -112,7 +112,7 @@ run_one() {
 # for Ctrl-C, 143 for SIGTERM, as the shell would report them), leaving the tables as they were.
 stop_sweep() {
   kill -TERM -- "-$1" 2>/dev/null || true
-  while kill -0 -- "-$1" 2>/dev/null; do sleep 1; done
+  while kill -0 -- "-$1" 2>/dev/null; do sleep 0.2; done
   echo "run_all.sh: stopped; each run keeps its last checkpoint (its log.txt says what it kept);" \
     "./run_all.sh again, with the same settings, continues the sweep" >&2
   exit "$2"
