@@ -90,9 +90,9 @@ from PIL import Image
 # ConvTranspose2d blocks that each double it, then a 3x3 conv to the image's
 # channels. The linear layer has no activation after it, as the paper's
 # u^0 = V^fc z + b^fc (Sec. 2.1.1) has none; the blocks use LeakyReLU where
-# the paper writes ReLU, as the encoder and the authors' code do. Its Sigmoid output matches the data's [0, 1] range, so the MSE of
-# Eq. 2 compares like with like (the authors' code put a Tanh, range [-1, 1], on
-# data in [0, 1]).
+# the paper writes ReLU, as the encoder and the authors' code do. Its Sigmoid
+# output matches the data's [0, 1] range, so the MSE of Eq. 2 compares like
+# with like (the authors' code put a Tanh, range [-1, 1], on data in [0, 1]).
 # =============================================================================
 
 def conv_block(in_channels, out_channels, transposed=False):
