@@ -248,8 +248,8 @@ def write_table1(rows, out, budget_note):
         lines += [f"> **{budget_note}. Not the paper's protocol; do not compare magnitudes with it.**", ""]
     lines += ["Mean ± standard deviation over the seeds listed (the value alone for one seed; n where fewer seeds "
               "have a measurement). Beside each BTVAE value, the p-value of Welch's t-test (two-sided) of its "
-              "seeds against the VAE's; where "
-              f"p < {SIGNIFICANCE} the side is marked **higher**, **lower**, **better** or **worse**. The threshold "
+              "seeds against the VAE's; "
+              f"where p < {SIGNIFICANCE} the side is marked **higher**, **lower**, **better** or **worse**. The threshold "
               "is per comparison, not corrected for the many in this table: expect about one marked cell in twenty "
               "by chance where there is no difference. With 3 seeds a side, a difference of less than about three "
               "standard deviations is rarely detected, so an unmarked cell is not evidence of no difference.", "",
