@@ -1213,6 +1213,9 @@ def load_model(path, device="cpu"):
     return model.to(device).eval()
 
 
+CPU_KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def library_versions():
     import torchvision  # already loaded with the data; its version, like torch's, names its build (+cu130, +cpu)
     versions = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__}
@@ -1742,8 +1745,11 @@ def run(cfg):
     write_json({**vars(cfg), "device": str(device), "mixed_precision_bf16": bf16,
                 "versions": library_versions(),
                 # CPU kernels differ by instruction set (AVX2, AVX-512), and so do their last bits: a run repeats
-                # bit for bit on a CPU with the same capability
+                # bit for bit on a CPU with the same capability. The convolutions' kernels are oneDNN's, and these
+                # variables can choose others than the CPU's best (ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU
+                # repeats an AVX2 run), which the capability ATen reports does not show
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "cpu_kernel_variables": {name: os.environ[name] for name in CPU_KERNEL_VARIABLES if name in os.environ},
                 "train_images": len(train_split), "val_images": len(val_split), "test_images": len(test_split)},
                cfg.out / "config.json")
     print(f"{cfg.dataset}: {len(train_split)} train / {len(val_split)} validation / {len(test_split)} test images "

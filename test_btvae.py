@@ -1061,8 +1061,11 @@ def run_cli(*argv, cwd=HERE):
                           capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-def test_command_line_end_to_end(tmp_path):
+def test_command_line_end_to_end(tmp_path, monkeypatch):
     make_mnist(tmp_path / "data")
+    for name in btvae.CPU_KERNEL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")  # oneDNN's default (the CPU's best kernels), named
     result = run_cli("--dataset", "mnist", "--epochs", "2", "--fid-samples", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "runs" / "mnist_lam2=0.025_seed0"  # the default --out
@@ -1073,6 +1076,7 @@ def test_command_line_end_to_end(tmp_path):
     settings = json.loads((out / "config.json").read_text())
     assert settings["lam2"] == 0.025 and settings["versions"]["torch"] == torch.__version__
     assert settings["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2 or AVX512
+    assert settings["cpu_kernel_variables"] == {"ONEDNN_MAX_CPU_ISA": "ALL"}  # and only those that are set
     assert len((out / "history.csv").read_text().splitlines()) == 3
     assert "epoch   2/2" in result.stdout
 
