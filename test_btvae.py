@@ -1871,6 +1871,17 @@ def fabricate_run(runs_dir, dataset, lam2, seed, fid, latent_dim=128, data_dir="
     return folder
 
 
+def test_the_difference_the_tables_call_detectable_is_found_by_welchs_test_as_often_as_they_say():
+    from scipy.stats import ttest_ind
+    generator = np.random.default_rng(1)  # sweeps of its own, not those report.py counted
+    for seeds, vae_seeds in ((3, 3), (3, 5)):
+        difference = report.detectable_difference(seeds, vae_seeds)
+        setting = generator.normal(difference, 1, (100_000, seeds))
+        vae = generator.normal(0, 1, (100_000, vae_seeds))
+        found = ttest_ind(setting, vae, axis=1, equal_var=False).pvalue < report.SIGNIFICANCE
+        assert found.mean() == pytest.approx(report.DETECTION_POWER, abs=0.01)
+
+
 def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     runs = tmp_path / "runs"
     for seed, (vae, good, close) in enumerate([(1.0, 0.5, 0.98), (1.1, 0.52, 1.05), (0.9, 0.48, 1.0)]):
@@ -1913,6 +1924,9 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     assert "eval.py (waymao/PyTorch-VAE, last changed in commit 9be0949)" in table
     assert "| mnist | BTVAE | 0.0025 | 0 | 0.7000 | 0.3500 | 7.0 | 0.1984 |" in table
     assert rows[0.0025]["fid_std"] == "" and rows[0.0025]["fid_versus_vae"] == "no comparison (needs 2+ seeds each)"
+    # the legend's detectable difference, for the one pair of seed counts the table compares (one seed: none)
+    assert (f"this far apart (the same spread on both sides): {report.detectable_difference(3, 3):.1f} standard "
+            "deviations with 3 seeds against the VAE's 3. A smaller") in table
 
     assert "REDUCED" not in table
     for figure in ("figure2_mnist.png", "latent_mnist.png"):
