@@ -27,6 +27,7 @@ run_all.sh calls this after its runs; it is kept separate from btvae.py so that 
 
 import argparse
 import csv
+import functools
 import html
 import io
 import json
@@ -177,6 +178,7 @@ def welch_p_value(a, b):
 DETECTION_POWER = 0.8  # the chance of finding a difference that the legend's "detects" means
 
 
+@functools.cache  # the same seed counts give the same answer, and a sweep's tables ask for few
 def detectable_difference(seeds, vae_seeds, draws=100_000):
     """The difference between two settings' means, in standard deviations of either (the same spread on both
     sides), that Welch's test at SIGNIFICANCE finds with a chance of DETECTION_POWER, from `seeds` runs against
