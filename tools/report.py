@@ -149,6 +149,7 @@ def summarise(runs):
         finished = [r["metrics"] for r in group if r["metrics"] is not None]
         row = {"dataset": dataset, "lam2": lam2, "model": "VAE" if lam2 == 0 else "BTVAE",
                "seeds": ",".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]) if r["metrics"]),
+               "seed_count": len(finished),
                "pixel_probe_accuracy": mean_and_spread([m.get("pixel_probe_accuracy") for m in finished])[0],
                "paper_fid": PAPER_TABLE1.get(lam2, {}).get(dataset),
                "failed": "; ".join(f"seed {r['seed']}: {r['failure']}" for r in group if r["failure"])}
@@ -159,6 +160,7 @@ def summarise(runs):
         rows.append(row)
     for row in rows:
         vae = next((r for r in rows if r["dataset"] == row["dataset"] and r["lam2"] == 0), None)
+        row["vae_seed_count"] = vae["seed_count"] if vae else 0
         for key, _, _ in SAMPLE_METRICS + LATENT_METRICS:
             words = ("better", "worse") if key.startswith("fid") else ("lower", "higher")
             row[f"{key}_p_vs_vae"], row[f"{key}_versus_vae"] = compare_with_vae(row, vae, key, words)
@@ -175,16 +177,16 @@ def welch_p_value(a, b):
         return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
-DETECTION_POWER = 0.8  # the chance of finding a difference that the legend's "detects" means
+DETECTION_POWER = 0.8  # what the legend's "finds" means: in this share of repeated sweeps
 
 
 @functools.cache  # the same seed counts give the same answer, and a sweep's tables ask for few
 def detectable_difference(seeds, vae_seeds, draws=100_000):
     """The difference between two settings' means, in standard deviations of either (the same spread on both
     sides), that Welch's test at SIGNIFICANCE finds with a chance of DETECTION_POWER, from `seeds` runs against
-    the VAE's `vae_seeds`. Its chance has no closed form (Student's, from the noncentral t, overstates it: 0.80
-    where Welch's is 0.70, with 3 seeds a side), so it is counted over `draws` simulated sweeps of normal
-    values, the same draws for every difference tried (a fixed seed: the tables stay the same)."""
+    the VAE's `vae_seeds`. That chance has no closed form (Student's, from the noncentral t, overstates it at
+    few seeds), so it is counted over `draws` simulated sweeps of normal values, the same draws for every
+    difference tried (a fixed seed: the tables stay the same)."""
     import numpy as np
     from scipy.optimize import brentq
     from scipy.stats import ttest_ind
@@ -199,10 +201,8 @@ def detectable_difference(seeds, vae_seeds, draws=100_000):
 
 def detection_note(rows):
     """The legend's sentence on what the test can detect with the seeds each comparison has."""
-    counts = sorted({(len(row["seeds"].split(",")), len(vae["seeds"].split(",")))
-                     for row in rows if row["lam2"] != 0 and row["seeds"]
-                     for vae in rows if vae["lam2"] == 0 and vae["dataset"] == row["dataset"] and vae["seeds"]
-                     if "," in row["seeds"] and "," in vae["seeds"]})
+    counts = sorted({(row["seed_count"], row["vae_seed_count"]) for row in rows
+                     if row["lam2"] != 0 and min(row["seed_count"], row["vae_seed_count"]) >= 2})
     if not counts:
         return "No setting has the 2 or more seeds a side the test needs."
     sizes = "; ".join(f"{detectable_difference(seeds, vae_seeds):.1f} standard deviations with {seeds} seeds "
