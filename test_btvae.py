@@ -1890,6 +1890,8 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
         fabricate_run(runs, "mnist", 0.25, seed, close, latent={"probe_accuracy": 0.945 + seed / 100})
     (fabricate_run(runs, "mnist", -0.00025, 0, None) / "FAILED").write_text("exit status 1: btvae.py: stopped: NaN")
     fabricate_run(runs, "mnist", -0.00025, 1, None)  # no metrics and no FAILED: interrupted
+    for seed in (2, 3):  # two finished beside them: a test of 2 seeds against the VAE's 3
+        fabricate_run(runs, "mnist", -0.00025, seed, 1.0 + seed / 10)
     fabricate_run(runs, "mnist", 0.0025, 0, 0.7)  # one seed: its values alone, no spread and no test
     report.make_report(tmp_path)
 
@@ -1924,8 +1926,9 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     assert "eval.py (waymao/PyTorch-VAE, last changed in commit 9be0949)" in table
     assert "| mnist | BTVAE | 0.0025 | 0 | 0.7000 | 0.3500 | 7.0 | 0.1984 |" in table
     assert rows[0.0025]["fid_std"] == "" and rows[0.0025]["fid_versus_vae"] == "no comparison (needs 2+ seeds each)"
-    # the legend's detectable difference, for the one pair of seed counts the table compares (one seed: none)
-    assert (f"this far apart (the same spread on both sides): {report.detectable_difference(3, 3):.1f} standard "
+    # the legend's detectable difference, for each pair of seed counts the table compares (one seed: none)
+    assert (f"this far apart (the same spread on both sides): {report.detectable_difference(2, 3):.1f} standard "
+            f"deviations with 2 seeds against the VAE's 3; {report.detectable_difference(3, 3):.1f} standard "
             "deviations with 3 seeds against the VAE's 3. A smaller") in table
 
     assert "REDUCED" not in table
