@@ -1820,6 +1820,12 @@ def test_the_readmes_reading_map_gives_each_sections_lines_in_btvae_py():
     assert [(row[0], *map(int, row[-1].split("-"))) for row in rows] == expected
 
 
+def test_the_readme_stays_as_short_as_the_references_it_follows():
+    """The project's form: a README of 35-235 lines (pytorch/examples' VAE 34, micrograd 69, minGPT 147,
+    nanoGPT 234), the full write-up on the results page."""
+    assert 35 <= len((HERE / "README.md").read_text().splitlines()) <= 235
+
+
 def github_anchors(markdown):
     """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
     headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.S), flags=re.M)
