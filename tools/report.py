@@ -135,6 +135,7 @@ LATENT_METRICS = [("active_units", "active units", 1), ("latent_correlation", "l
                   ("twin_correlation", "twin correlation", 3), ("probe_accuracy", "probe accuracy", 3)]
 EPOCHS = ("epochs_trained", "epochs trained", 1)  # averaged like the metrics, never compared with the VAE's
 SIGNIFICANCE = 0.05  # Welch's t-test of a BTVAE setting against the VAE, per metric, not corrected for the many
+SEEDS_FOR_A_TEST = 2  # a spread needs two values a side: fewer seeds get their values alone, untested
 
 
 def summarise(runs):
@@ -202,9 +203,9 @@ def detectable_difference(seeds, vae_seeds, draws=100_000):
 def detection_note(rows):
     """The legend's sentence on what the test can detect with the seeds each comparison has."""
     counts = sorted({(row["seed_count"], row["vae_seed_count"]) for row in rows
-                     if row["lam2"] != 0 and min(row["seed_count"], row["vae_seed_count"]) >= 2})
+                     if row["lam2"] != 0 and min(row["seed_count"], row["vae_seed_count"]) >= SEEDS_FOR_A_TEST})
     if not counts:
-        return "No setting has the 2 or more seeds a side the test needs."
+        return f"No setting has the {SEEDS_FOR_A_TEST} or more seeds a side the test needs."
     sizes = "; ".join(f"{detectable_difference(seeds, vae_seeds):.1f} standard deviations with {seeds} seeds "
                       f"against the VAE's {vae_seeds}" for seeds, vae_seeds in counts)
     return (f"The test finds a difference {DETECTION_POWER:.0%} of the time when the means are this far apart "
@@ -219,8 +220,8 @@ def compare_with_vae(row, vae, key, words):
         return None, ""
     if vae is None or not row[f"{key}_values"] or not vae[f"{key}_values"]:
         return None, "no comparison (missing runs)"
-    if row[f"{key}_n"] < 2 or vae[f"{key}_n"] < 2:
-        return None, "no comparison (needs 2+ seeds each)"
+    if min(row[f"{key}_n"], vae[f"{key}_n"]) < SEEDS_FOR_A_TEST:
+        return None, f"no comparison (needs {SEEDS_FOR_A_TEST}+ seeds each)"
     p = welch_p_value(row[f"{key}_values"], vae[f"{key}_values"])
     if p >= SIGNIFICANCE:
         return p, f"no difference from VAE detected (Welch p = {p:.2g})"
@@ -237,7 +238,7 @@ def mean_cell(row, key, digits):
     if row[f"{key}_mean"] is None:
         return "-"
     cell = mean_with_spread(row[f"{key}_mean"], row[f"{key}_std"], digits)
-    if row[f"{key}_n"] != len(row["seeds"].split(",")):
+    if row[f"{key}_n"] != row["seed_count"]:
         cell += f" (n = {row[f'{key}_n']})"
     p = row.get(f"{key}_p_vs_vae")
     if p is None:
