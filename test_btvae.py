@@ -1102,7 +1102,11 @@ def test_run_with_fid_and_a_reloadable_model(tmp_path, monkeypatch, capsys):
     assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0 and metrics["fid_seconds"] >= 0
     assert math.isfinite(metrics["fid_2048_gmm"]) and metrics["fid_2048_gmm"] != metrics["fid_gmm"]
     assert all(0 <= metrics[f"{name}_2048{sampler}"] <= 1 for name in ("precision", "recall") for sampler in ("", "_gmm"))
-    assert "FID-64 over 40 samples" in capsys.readouterr().out
+    logged = capsys.readouterr().out
+    for sampler, named in (("", ""), ("_gmm", " of the mixture sampler")):
+        assert (f"FID-64{named} over 40 samples: {metrics[f'fid{sampler}']:.4f}; in 2048-d features FID "
+                f"{metrics[f'fid_2048{sampler}']:.2f}, precision {metrics[f'precision_2048{sampler}']:.3f}, "
+                f"recall {metrics[f'recall_2048{sampler}']:.3f} ({metrics[f'fid{sampler}_seconds']:.0f} s)") in logged
     assert any((tmp_path / "btvae_cache").glob("inception_real_mnist_32px_n40_layers64+2048_*.pt"))
     history = [line.split(",") for line in (out / "history.csv").read_text().splitlines()]
     val_losses = [float(row[history[0].index("val_loss")]) for row in history[1:]]
@@ -1526,6 +1530,18 @@ def test_kept_fids_are_read_back_only_for_the_same_model_and_settings(tmp_path):
     skipped.get("_gmm", lambda: {"fid_gmm": None})  # FID skipped (no network): nothing to keep
     btvae.KeptMeasurements(tmp_path, model, cfg, cpu).get("_gmm", lambda: measure("_gmm"))
     assert len(measured_again) == 4
+
+
+def test_kept_fids_are_logged_as_fully_as_measured_ones(tmp_path, capsys):
+    cfg = btvae.parse_config(["--out", str(tmp_path), "--fid-samples", "40", "--fid-2048"])
+    model, cpu = btvae.ConvVAE(1, 16, (8, 16), latent_dim=4), torch.device("cpu")
+    mixture = {"fid_gmm": 0.0714, "fid_2048_gmm": 57.32, "precision_2048_gmm": 0.041, "recall_2048_gmm": 0.011}
+    btvae.KeptMeasurements(tmp_path, model, cfg, cpu).get("_gmm", lambda: mixture)
+    capsys.readouterr()
+    btvae.KeptMeasurements(tmp_path, model, cfg, cpu).get("_gmm", lambda: pytest.fail("measured again"))
+    assert capsys.readouterr().out == ("FID-64 of the mixture sampler: 0.0714; in 2048-d features FID 57.32, "
+                                       "precision 0.041, recall 0.011 (measured before the run was stopped; "
+                                       f"kept in {btvae.MEASURED_SO_FAR})\n")
 
 
 def test_resuming_a_finished_run_does_nothing_and_rerunning_it_is_refused_even_without_its_checkpoint(tmp_path, capsys, mnist_with_stand_in_fid):
