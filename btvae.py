@@ -1526,6 +1526,17 @@ def evaluate(model, train_split, test_split, cfg, device):
     return metrics
 
 
+def fid_line(measured, suffix, counted=""):
+    """One sampler's measurements as the log shows them, the 2048-d ones if measured: for example
+    'FID-64 of the mixture sampler over 10000 samples: 0.0714; in 2048-d features FID 57.32, precision 0.041,
+    recall 0.011' (counted: ' over 10000 samples')."""
+    line = f"FID-64{' of the mixture sampler' if suffix else ''}{counted}: {measured[f'fid{suffix}']:.4f}"
+    if measured.get(f"fid_2048{suffix}") is not None:
+        line += (f"; in 2048-d features FID {measured[f'fid_2048{suffix}']:.2f}, "
+                 f"precision {measured[f'precision_2048{suffix}']:.3f}, recall {measured[f'recall_2048{suffix}']:.3f}")
+    return line
+
+
 class KeptMeasurements:
     """The FIDs that a stopped attempt already measured (an hour each at 10,000 samples on a CPU), kept in the
     run's folder with what they measured: a hash of the model's weights, the run's settings (as a checkpoint
@@ -1610,17 +1621,6 @@ def fid_measurer(test_split, cfg, device):
               f"({measured[f'fid{suffix}_seconds']:.0f} s)", flush=True)
         return {name: measured.get(name) for name in names}
     return measure
-
-
-def fid_line(measured, suffix, counted=""):
-    """One sampler's measurements as the log shows them, the 2048-d ones if measured: for example
-    'FID-64 of the mixture sampler over 10000 samples: 0.0714; in 2048-d features FID 57.32, precision 0.041,
-    recall 0.011' (counted: ' over 10000 samples')."""
-    line = f"FID-64{' of the mixture sampler' if suffix else ''}{counted}: {measured[f'fid{suffix}']:.4f}"
-    if measured.get(f"fid_2048{suffix}") is not None:
-        line += (f"; in 2048-d features FID {measured[f'fid_2048{suffix}']:.2f}, "
-                 f"precision {measured[f'precision_2048{suffix}']:.3f}, recall {measured[f'recall_2048{suffix}']:.3f}")
-    return line
 
 
 def pixel_probe_accuracy(train_split, test_split, cfg):
