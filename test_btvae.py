@@ -1849,7 +1849,7 @@ def github_anchors(markdown):
     return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
 
 
-@pytest.mark.parametrize("page", ["README.md", "results/README.md", "results/speed.md", "results/rerun/log.md"])
+@pytest.mark.parametrize("page", ["README.md", "results/README.md", "results/speed.md", "results/sweep_log.md"])
 def test_every_relative_link_of_the_documentation_resolves(page):
     path = HERE / page
     for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
