@@ -315,10 +315,10 @@ def run_epoch(model, images, cfg, device, optimiser=None, shuffle=None, watch=No
                 optimiser.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 optimiser.step()
-            # Summed on the device and read once per epoch: no per-step synchronisation.
+            # Summed on the device and copied to the CPU once per epoch: no per-step synchronisation.
             totals += torch.stack([terms[name].detach() for name in LOSS_TERMS]) * len(index)
             seen += len(index)
-    return dict(zip(LOSS_TERMS, (totals / seen).tolist()))
+    return dict(zip(LOSS_TERMS, (totals / seen).cpu().tolist()))
 
 
 class EarlyStopping:
@@ -900,7 +900,8 @@ def twin_correlation(pairs):
 def probe_accuracy(train_features, train_labels, test_features, test_labels):
     """Test accuracy of a linear classifier fitted on the training images' features: the linear evaluation
     of Barlow Twins (Zbontar et al. 2021), here multinomial logistic regression on standardised
-    features. None where there are no labels (CelebA, a folder) or only one class to tell apart.
+    features. None where there are no labels (CelebA, a folder) or only one class to tell apart. The tensors
+    are on the CPU: scikit-learn reads them as NumPy arrays.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -1076,9 +1077,9 @@ def build_parser():
                    help="local FID Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth); default downloads them")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="where to train; auto picks cuda, then mps, then cpu")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="arithmetic of the network: bf16 is mixed precision (weights, optimiser and losses stay fp32); "
-                        "auto is bf16 on GPUs that support it, fp32 on CPU and mps (results/speed.md)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="arithmetic of the network on every device: bf16 is mixed precision (weights, optimiser and "
+                        "losses stay fp32), which changes the results against fp32's (results/speed.md)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<dataset>_lam2=<value>_seed<seed>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last checkpoint (same settings required)")
@@ -1122,8 +1123,13 @@ def take_settings_of_the_model(cfg, argv):
 
 
 def saved_settings(settings):
-    """Settings as a model.pt or checkpoint.pt saved them, in today's names (delta was once bt_offdiag)."""
-    return {("delta" if name == "bt_offdiag" else name): value for name, value in settings.items()}
+    """Settings as a model.pt or checkpoint.pt saved them, in today's names and values: delta was once
+    bt_offdiag, and --precision's old default, auto, was fp32 on every device but CUDA GPUs with bfloat16
+    (on which none of this project's runs were made), so it is read as fp32."""
+    today = {("delta" if name == "bt_offdiag" else name): value for name, value in settings.items()}
+    if today.get("precision") == "auto":
+        today["precision"] = "fp32"
+    return today
 
 
 def parse_config(argv=None):
@@ -1301,8 +1307,9 @@ def resume_training(checkpoint, model, cfg, device):
     vars(training.stopper).update(checkpoint.early_stopping)
     training.shuffle.set_state(checkpoint.shuffle_rng)
     torch.set_rng_state(checkpoint.torch_rng)
-    if checkpoint.cuda_rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint.cuda_rng)
+    # One state per GPU of the machine that wrote it; this one may have fewer, or none (device_count() is 0).
+    for index, state in enumerate(checkpoint.cuda_rng[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, index)
     training.epoch, training.finished = len(checkpoint.history), checkpoint.finished
     training.stopped_early = checkpoint.stopped_early
     return training
@@ -1370,12 +1377,12 @@ def pick_device(name):
 
 
 def use_bf16(precision, device):
-    """Mixed precision by default only on GPUs with bfloat16; on a CPU it trained MNIST no faster and ended
-    worse in validation loss (results/speed.md)."""
+    """Mixed precision only when asked (--precision bf16), on every device: the published tables are fp32's,
+    and bf16 changes the results against them. On a CPU it trained MNIST no faster and ended worse in
+    validation loss (results/speed.md); on a GPU it has not been measured, and on these small layers the
+    weights' cast to bfloat16 at every call may cost what the faster arithmetic gains."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--precision bf16: this GPU has no bfloat16 support; use --precision fp32")
-    if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return precision == "bf16"
 
 
@@ -1631,9 +1638,9 @@ def pixel_probe_accuracy(train_split, test_split, cfg):
     cache = cfg.cache_dir / (f"probe_pixels_{cfg.dataset}_{cfg.image_size}px_train{len(train_split)}_"
                              f"test{len(test_split)}_scikit-learn{library_versions()['scikit_learn']}.pt")
     accuracy = load_from_cache(cache)
-    if accuracy is None:
-        accuracy = probe_accuracy(to_model_range(train_split.images).flatten(1), train_split.labels,
-                                  to_model_range(test_split.images).flatten(1), test_split.labels)
+    if accuracy is None:  # made on the CPU, whose memory scikit-learn reads (and as floats, 4x the uint8 images)
+        accuracy = probe_accuracy(to_model_range(train_split.images.cpu()).flatten(1), train_split.labels,
+                                  to_model_range(test_split.images.cpu()).flatten(1), test_split.labels)
         save_to_cache(accuracy, cache)
     return accuracy
 

@@ -13,6 +13,7 @@ checkpoints and --resume, --evaluate, the pretrained models, speed settings, and
 run_all.sh on fabricated runs.
 """
 
+import contextlib
 import csv
 import errno
 import json
@@ -29,12 +30,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 import torchvision
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 import btvae
 
@@ -1806,6 +1809,321 @@ def test_keep_freed_memory_reuses_freed_activations_without_page_faults():
     finished = subprocess.run([sys.executable, "-c", ALLOCATE_AND_FREE], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True)
     assert int(finished.stdout) < 4_000
+
+
+# ---------------------------------------------------------------------------
+# The GPU path, on a stand-in GPU: what only a GPU runs, checked on this CPU
+# ---------------------------------------------------------------------------
+
+class OnStandInGPU(torch.Tensor):
+    """A tensor on the stand-in GPU (StandInGPU). Its data is in the CPU's memory and torch computes it there,
+    so a run on the stand-in gives the CPU run's numbers; but, as on a real GPU, NumPy cannot read it and it
+    does not mix with CPU tensors in one operation."""
+
+
+class StandInGPU(TorchFunctionMode):
+    """A GPU of type `kind` (cuda or mps) made of the CPU. Every torch call in its scope passes through
+    __torch_function__ (torch's public hook, torch.overrides), which keeps track of where each tensor is:
+
+    - a tensor sent to the device (.to(device), a factory's device=) becomes an OnStandInGPU, and so does every
+      result computed from one; .cpu() and .to("cpu") give a plain CPU tensor back;
+    - .numpy() and np.asarray() of it raise CUDA's TypeError, and so, stricter than CUDA, do .item() and
+      .tolist(): btvae.py writes out each copy of its numbers to the CPU (.cpu()), since on a GPU each waits
+      for the queued work (`if tensor:` and float(tensor), which libraries use, work as on CUDA);
+    - an operation on it and on a CPU tensor of one or more dimensions raises CUDA's "Expected all tensors to
+      be on the same device", except the calls that move or copy between devices, or only index;
+    - its .device is the GPU's, as code that asks where a tensor is expects.
+
+    `pickled` counts the GPU tensors pickled (by torch.save), so a test can tell which files hold any.
+    """
+
+    ACROSS_DEVICES = {"to", "cpu", "copy_", "__getitem__", "__setitem__", "__reduce_ex__",
+                      "_has_compatible_shallow_copy_type"}  # the last: nn.Module.to comparing old and new tensors
+    READ_BY_THE_HOST = {"numpy", "__array__", "item", "tolist"}
+
+    def __init__(self, kind="cuda"):
+        super().__init__()
+        self.kind, self.pickled = kind, 0
+        self.where_getters = {torch.Tensor.is_cpu.__get__: "cpu", torch.Tensor.is_cuda.__get__: "cuda",
+                              torch.Tensor.is_mps.__get__: "mps"}
+
+    def place(self, tensor):
+        return self.kind if isinstance(tensor, OnStandInGPU) else "cpu"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if func == torch.Tensor.device.__get__:  # a getter is a new object at each access: == not is
+            return torch.device(self.kind, 0) if isinstance(args[0], OnStandInGPU) else torch.device("cpu")
+        if func in self.where_getters:
+            return self.place(args[0]) == self.where_getters[func]
+        if func == torch.Tensor.grad.__get__:  # autograd computes the gradients of a GPU tensor on the GPU
+            grad = func(*args, **kwargs)
+            return as_on(grad, self.place(args[0]))
+        if isinstance(args[0] if args else None, OnStandInGPU):
+            if name in self.READ_BY_THE_HOST:
+                raise TypeError(f"can't convert {self.kind}:0 device type tensor to numpy or a Python value "
+                                f"({name}); use Tensor.cpu() to copy the tensor to host memory first.")
+            if name == "__reduce_ex__":  # torch.save: its data, as a plain tensor
+                self.pickled += 1
+                return args[0].as_subclass(torch.Tensor).__reduce_ex__(*args[1:])
+        target = self.target(func, args, kwargs)
+        if target == self.kind:  # the stand-in computes on the CPU
+            if func is torch.Tensor.to:
+                args = (args[0], *("cpu" if isinstance(a, (str, torch.device)) else a for a in args[1:]))
+            if kwargs.get("device") is not None:
+                kwargs = {**kwargs, "device": "cpu"}
+        inputs = list(tensors_in((args, kwargs)))
+        on_gpu = any(isinstance(t, OnStandInGPU) for t in inputs)
+        if on_gpu and name not in self.ACROSS_DEVICES and any(
+                not isinstance(t, OnStandInGPU) and t.dim() > 0 for t in inputs):
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{self.kind}:0 and cpu! ({name})")
+        result = func(*args, **kwargs)
+        return as_on(result, target or (self.kind if on_gpu else "cpu"))
+
+    @staticmethod
+    def target(func, args, kwargs):
+        """The type of the device the call puts its result on, if it names one (.cpu(), .to(...), device=)."""
+        if func is torch.Tensor.cpu:
+            return "cpu"
+        named = [kwargs.get("device"), *(args[1:] if func is torch.Tensor.to else ())]
+        return next((torch.device(value).type for value in named if isinstance(value, (str, torch.device))), None)
+
+
+def tensors_in(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
+
+
+def as_on(value, place):
+    """The tensors in value (or in a tuple or list of them) as OnStandInGPU, or as plain CPU tensors; the same
+    data, not a copy."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(as_on(item, place) for item in value)
+    if not isinstance(value, torch.Tensor) or isinstance(value, OnStandInGPU) == (place != "cpu"):
+        return value
+    return value.as_subclass(torch.Tensor if place == "cpu" else OnStandInGPU)
+
+
+STAND_IN_CUDA_RNG = torch.full((16,), 7, dtype=torch.uint8)  # what the stand-in's torch.cuda.get_rng_state gives
+
+
+@contextlib.contextmanager
+def stand_in_gpu(kind="cuda", free_bytes=2**34, gpus=1):
+    """This process as a machine with `gpus` GPUs of type `kind` (cuda or mps), `free_bytes` of memory free on
+    each: torch.cuda's (or torch.backends.mps') public functions answer as there, and the tensors sent to the
+    device are a StandInGPU's, which it yields. Its `rng_states_set` lists torch.cuda.set_rng_state's calls."""
+    gpu = StandInGPU(kind)
+    gpu.rng_states_set = []
+
+    def set_rng_state(state, device="cuda"):
+        index = torch.device(device, 0).index if isinstance(device, str) else device
+        if index >= gpus:  # as torch.cuda's default_generators[index]
+            raise IndexError("list index out of range")
+        gpu.rng_states_set.append((state, index))
+
+    with contextlib.ExitStack() as stack:
+        if kind == "cuda":
+            for name, value in (("is_available", lambda: True), ("device_count", lambda: gpus),
+                                ("is_bf16_supported", lambda *args, **kwargs: True),
+                                ("mem_get_info", lambda device=None: (free_bytes, 2 * free_bytes)),
+                                ("get_rng_state_all", lambda: [STAND_IN_CUDA_RNG] * gpus),
+                                ("set_rng_state", set_rng_state)):
+                stack.enter_context(mock.patch.object(torch.cuda, name, value))
+            # Adam asks the current stream whether a CUDA graph is being captured
+            stack.enter_context(mock.patch.object(torch.accelerator, "current_stream",
+                                                  lambda *args: mock.Mock(is_capturing=lambda: False)))
+            stack.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # as it was
+        else:
+            stack.enter_context(mock.patch.object(torch.backends.mps, "is_available", lambda: True))
+        # nn.Module.to gives a module new Parameters (here OnStandInGPU ones), instead of new data in the old ones
+        overwriting = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        stack.callback(torch.__future__.set_overwrite_module_params_on_conversion, overwriting)
+        stack.enter_context(gpu)
+        yield gpu
+
+
+def files_saved(monkeypatch, gpu):
+    """btvae.save_atomically recorded: a list that fills with (file name, whether it held GPU tensors)."""
+    saved, save = [], btvae.save_atomically
+
+    def recording_save(obj, path):
+        before = gpu.pickled
+        save(obj, path)
+        saved.append((path.name, gpu.pickled > before))
+    monkeypatch.setattr(btvae, "save_atomically", recording_save)
+    return saved
+
+
+@pytest.mark.parametrize("kind, free_bytes", [("cuda", 2**34), ("cuda", 2**10), ("mps", 2**34)],
+                         ids=["cuda, images on it", "cuda, images left on the CPU", "mps"])
+def test_a_run_and_its_evaluation_on_a_gpu_hand_numpy_only_cpu_tensors_and_on_cuda_give_the_cpus_numbers(
+        kind, free_bytes, tmp_path, monkeypatch, mnist_with_stand_in_fid):
+    run, evaluation = tmp_path / "gpu", tmp_path / "evaluation"
+    with stand_in_gpu(kind, free_bytes) as gpu:  # first, so that it fills the caches (FID's, the pixel probe's)
+        saved = files_saved(monkeypatch, gpu)
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(run)])
+        btvae.main(["--evaluate", str(run / "model.pt"), "--data-dir", mnist_with_stand_in_fid[1],
+                    "--fid-samples", "40", "--out", str(evaluation)])
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(tmp_path / "cpu")])
+    assert json.loads((run / "config.json").read_text())["device"] == kind
+    on_the_gpu, on_the_cpu = run_result(run), run_result(tmp_path / "cpu")
+    if kind == "cuda":  # the CPU's layout and Adam, and the stand-in computes on the CPU: bit for bit
+        assert_same_result(on_the_gpu, on_the_cpu)
+    else:  # MPS keeps NCHW and Adam's default implementation: other roundings, which training amplifies
+        assert {k for k, v in on_the_gpu[0].items() if v is not None} == {k for k, v in on_the_cpu[0].items()
+                                                                          if v is not None}
+    measured = json.loads((evaluation / "metrics.json").read_text())
+    assert {k: v for k, v in measured.items() if k not in TIMINGS} == \
+        {k: v for k, v in on_the_gpu[0].items() if k in MEASUREMENTS}
+    # Only the files btvae.py reads back itself, with map_location="cpu", hold GPU tensors: report.py and the
+    # caches read theirs on any machine.
+    assert {name for name, held_gpu_tensors in saved if held_gpu_tensors} == {"model.pt", "checkpoint.pt"}
+
+
+def test_a_run_stopped_on_a_gpu_resumes_there_bit_for_bit_with_the_gpus_generator(
+        tmp_path, monkeypatch, capsys, mnist_with_stand_in_fid):
+    with stand_in_gpu() as gpu:
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(tmp_path / "straight")])
+        out = tmp_path / "interrupted"
+        real_loss = signal_during_loss_call(monkeypatch, call=2 * 4 + 2)  # the second training step of epoch 3
+        with pytest.raises(SystemExit):
+            btvae.main([*mnist_with_stand_in_fid, "--out", str(out)])
+        monkeypatch.setattr(btvae, "btvae_loss", real_loss)
+        btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--resume"])
+    assert "resuming after epoch 2" in capsys.readouterr().out
+    assert_same_result(run_result(out), run_result(tmp_path / "straight"))
+    [(state, index)] = gpu.rng_states_set
+    assert torch.equal(state, STAND_IN_CUDA_RNG) and index == 0
+
+
+@pytest.mark.parametrize("gpus", [2, 0])
+def test_a_checkpoint_written_with_three_gpus_resumes_with_fewer_or_none(gpus, tmp_path, monkeypatch,
+                                                                         mnist_with_stand_in_fid):
+    out = tmp_path / "run"
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--epochs", "1"])
+    cfg = config(*mnist_with_stand_in_fid, "--out", out, "--epochs", 1, "--resume")
+    three_gpus = [torch.full((16,), gpu, dtype=torch.uint8) for gpu in range(3)]
+    checkpoint = btvae.read_checkpoint(out / "checkpoint.pt", cfg)._replace(cuda_rng=three_gpus)
+    model = btvae.ConvVAE(1, cfg.image_size, cfg.hidden_dims, cfg.latent_dim)
+    if gpus:
+        with stand_in_gpu(gpus=gpus) as gpu:
+            btvae.resume_training(checkpoint, model, cfg, torch.device("cuda"))
+        assert [(state.tolist(), index) for state, index in gpu.rng_states_set] == [([0] * 16, 0), ([1] * 16, 1)]
+    else:  # this machine: no GPU
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *args: pytest.fail("no GPU to set a state of"))
+        btvae.resume_training(checkpoint, model, cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_picks_cuda_then_mps_then_the_cpu_and_a_device_not_there_is_a_usage_error(cuda, mps, expected,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert btvae.pick_device("auto") == torch.device(expected) and btvae.pick_device("cpu") == torch.device("cpu")
+    for missing in {"cuda", "mps"} - {name for name, there in (("cuda", cuda), ("mps", mps)) if there}:
+        with pytest.raises(btvae.UsageError, match=f"--device {missing} is not available on this machine"):
+            btvae.pick_device(missing)
+
+
+@pytest.mark.parametrize("spare, moved", [(4, True), (0, False)])
+def test_the_images_move_to_a_cuda_gpu_once_where_they_fit_in_a_quarter_of_its_free_memory(spare, moved):
+    splits = [btvae.Split(uint8_images(30), torch.arange(30)), btvae.Split(uint8_images(10))]
+    free_bytes = 4 * sum(split.images.nbytes for split in splits) + spare  # moved only while free // 4 exceeds it
+    model = btvae.ConvVAE(1, 16, (8, 16), latent_dim=4)
+    with stand_in_gpu("cuda", free_bytes):
+        model.to(torch.device("cuda"))
+        placed = btvae.prepare_for_speed(model, splits, torch.device("cuda"), bf16=False)
+        assert torch.backends.cudnn.benchmark  # every batch has the same shape
+        assert all(split.images.device.type == ("cuda" if moved else "cpu") for split in placed)
+        assert placed[0].labels.device.type == "cpu"  # read by scikit-learn only
+        assert all(torch.equal(a.images.cpu(), b.images) for a, b in zip(placed, splits))
+    assert model.encoder[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_on_mps_the_images_stay_on_the_cpu_and_the_layout_is_the_default():
+    splits = [btvae.Split(uint8_images(30))]
+    model = btvae.ConvVAE(1, 16, (8, 16), latent_dim=4)
+    with stand_in_gpu("mps"):
+        model.to(torch.device("mps"))
+        [placed] = btvae.prepare_for_speed(model, splits, torch.device("mps"), bf16=False)
+        assert placed.images.device.type == "cpu"
+    assert not model.encoder[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda", "mps"])
+def test_float32_is_the_default_on_every_device(kind):
+    with contextlib.nullcontext() if kind == "cpu" else stand_in_gpu(kind):
+        assert btvae.use_bf16(config().precision, torch.device(kind)) is False
+        assert btvae.use_bf16("bf16", torch.device(kind)) is True
+
+
+def test_bf16_on_a_gpu_without_bfloat16_is_a_usage_error():
+    with stand_in_gpu(), mock.patch.object(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False):
+        with pytest.raises(btvae.UsageError, match="this GPU has no bfloat16 support; use --precision fp32"):
+            btvae.use_bf16("bf16", torch.device("cuda"))
+
+
+def test_a_checkpoint_of_the_old_default_precision_resumes_as_float32(tmp_path, mnist_with_stand_in_fid):
+    out = tmp_path / "run"
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--epochs", "2"])
+    (out / "metrics.json").unlink()
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint["settings"]["precision"] = "auto"  # the default before fp32 was, on this CPU fp32
+    checkpoint["history"], checkpoint["finished"] = checkpoint["history"][:1], False
+    torch.save(checkpoint, out / "checkpoint.pt")
+    btvae.main([*mnist_with_stand_in_fid, "--out", str(out), "--epochs", "2", "--resume"])
+    assert json.loads((out / "metrics.json").read_text())["epochs_trained"] == 2
+
+
+class FirstLayerOfStandIn(StandInFeatures):
+    """StandInFeatures as torchmetrics takes a feature network: one tensor of features, not a tuple."""
+
+    def forward(self, images):
+        return super().forward(images)[0]
+
+
+def test_bench_measures_fid_on_a_gpu_with_the_metric_where_the_samples_are(tmp_path, monkeypatch):
+    import bench
+    from torchmetrics.image import fid as torchmetrics_fid
+    make_mnist(tmp_path / "data")
+    monkeypatch.setattr(btvae, "make_fid_network", stand_in_network)
+    real_metric = torchmetrics_fid.FrechetInceptionDistance
+    monkeypatch.setattr(torchmetrics_fid, "FrechetInceptionDistance",
+                        lambda feature, antialias, feature_extractor_weights_path: real_metric(FirstLayerOfStandIn()))
+    weights = tmp_path / "weights.pth"
+    torch.save({}, weights)  # read only by the networks stood in for
+    with stand_in_gpu():
+        (plain, _), (project, _) = (bench.bench_fid(kind, tmp_path / "data", weights, 40, None, torch.device("cuda"))
+                                    for kind in ("plain", "project"))
+    assert plain == pytest.approx(project, rel=1e-6)  # the same samples, features and distance, two ways
+
+
+def test_run_all_on_a_gpu_trains_measures_and_reports(tmp_path):
+    make_mnist(tmp_path / "data")
+    on_the_gpu = tmp_path / "python_on_a_gpu"  # run_all.sh's PYTHON: each script it runs, on a stand-in GPU
+    on_the_gpu.write_text(f"""#!/usr/bin/env bash
+[ "$1" = - ] && exec "{sys.executable}" "$@"  # run_all.sh's check of a folder's lock, from standard input
+exec "{sys.executable}" -c 'import runpy, sys; sys.path.insert(0, "{HERE}"); import test_btvae
+sys.argv = sys.argv[1:]
+with test_btvae.stand_in_gpu():
+    runpy.run_path(sys.argv[0], run_name="__main__")' "$@"
+""")
+    on_the_gpu.chmod(0o755)
+    sweep = run_sweep(tmp_path, PYTHON=str(on_the_gpu), LAMBDAS="0.025", SEEDS="0", FID_SAMPLES="20")
+    assert sweep.returncode == 0, sweep.stderr
+    runs = tmp_path / "results" / "runs"
+    assert not list(runs.glob("*/FAILED")) and len(list(runs.glob("*/metrics.json"))) == 3  # with Figure 3's two
+    assert json.loads((runs / "mnist_lam2=0.025_seed0" / "config.json").read_text())["device"] == "cuda"
+    assert "| mnist | BTVAE | 0.025 | 0 |" in (tmp_path / "results" / "table1.md").read_text()
 
 
 # ---------------------------------------------------------------------------

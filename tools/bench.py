@@ -11,8 +11,8 @@ compares, so the ratios hold even on a shared, noisy machine.
   tensors, torch.optim.Adam's default implementation, the C library's default
   memory allocator.
 - "project": what btvae.py does by default (prepare_for_speed): channels_last,
-  fused Adam, freed memory kept in the process (keep_freed_memory), and mixed
-  precision where --precision auto turns it on.
+  fused Adam, freed memory kept in the process (keep_freed_memory), in float32
+  (--precision's default on every device).
 
 The allocator setting is process-wide and cannot be undone, so each
 configuration runs in a process of its own (`--measure plain|project`), and
@@ -104,14 +104,16 @@ def data_share(channels, size, dataset_size, step_images_per_second, device):
 
 
 def bench_fid(kind, data_dir, weights, count, model_path, device):
-    """A finished run's FID, as (value, seconds). plain: straightforward torchmetrics use (a fresh metric, real
-    and fake images both through the network; antialias=False resizes as torch-fidelity's network does).
-    project: btvae.fid_measurer as a run without --fid-2048 uses it, the test images' features cached."""
+    """A finished run's FID, as (value, seconds). plain: straightforward torchmetrics use (a fresh metric on
+    the device, real and fake images both through the network; antialias=False resizes as torch-fidelity's
+    network does). project: btvae.fid_measurer as a run without --fid-2048 uses it, the test images' features
+    cached. The generated images are on the device, where the model is."""
     cache_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_fid_cache_{os.getpid()}"
     cfg = btvae.parse_config(["--dataset", "mnist", "--data-dir", str(data_dir), "--cache-dir", str(cache_dir),
                               "--fid-samples", str(count), "--fid-weights", str(weights)])
     _, _, test = btvae.load_data(cfg)
     real = test.images[:count]
+    torch.manual_seed(0)  # without --model, the same untrained weights in both processes
     model = btvae.load_model(model_path, device) if model_path else btvae.ConvVAE(1, 32).to(device).eval()
     fake = torch.cat([btvae.generate(model, 100, torch.Generator().manual_seed(0), device)
                       for _ in range(0, count, 100)])[:count]  # the same images in both processes
@@ -119,11 +121,12 @@ def bench_fid(kind, data_dir, weights, count, model_path, device):
     if kind == "plain":
         from torchmetrics.image.fid import FrechetInceptionDistance
         start = time.perf_counter()
-        metric = FrechetInceptionDistance(feature=64, antialias=False, feature_extractor_weights_path=str(weights))
+        metric = FrechetInceptionDistance(feature=64, antialias=False,
+                                          feature_extractor_weights_path=str(weights)).to(device)
         for i in range(0, count, 100):
-            metric.update(btvae.to_fid_input(real[i:i + 100]), real=True)
+            metric.update(btvae.to_fid_input(real[i:i + 100].to(device)), real=True)
             metric.update(btvae.to_fid_input(fake[i:i + 100]), real=False)
-        return float(metric.compute()), time.perf_counter() - start
+        return float(metric.compute().cpu()), time.perf_counter() - start
 
     if device.type == "cpu":
         btvae.keep_freed_memory()  # as after training in a real run (prepare_for_speed)
@@ -178,7 +181,7 @@ def main():
         return measure(args, device)
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-          f"device {device}; project precision: {'bf16 mixed' if btvae.use_bf16('auto', device) else 'fp32'}")
+          f"device {device}; project precision: {make_config(0).precision}")
     print(f"training: images/s over {args.steps}-step epochs of btvae.run_epoch (batch 64), "
           f"best of {args.repeats} epochs x {args.rounds} processes\n")
     rounds = [{kind: measure_in_subprocess(kind, args, "training") for kind in ("plain", "project")}
