@@ -16,6 +16,7 @@ run_all.sh on fabricated runs.
 import contextlib
 import csv
 import errno
+import itertools
 import json
 import math
 import os
@@ -2130,13 +2131,38 @@ with test_btvae.stand_in_gpu():
 # report.py and run_all.sh: the sweep's tables and figures
 # ---------------------------------------------------------------------------
 
-def welch_p_value(a, b):
-    """Welch's t-test written out: t over the unequal-variance standard error, Welch-Satterthwaite's degrees
-    of freedom, two-sided."""
-    from scipy.stats import t
-    error_a, error_b = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-    freedom = (error_a + error_b) ** 2 / (error_a ** 2 / (len(a) - 1) + error_b ** 2 / (len(b) - 1))
-    return float(2 * t.sf(abs(np.mean(a) - np.mean(b)) / math.sqrt(error_a + error_b), freedom))
+def permutation_p_value(a, b):
+    """The exact two-sided permutation test written out: every split of the pooled values into as many as a and
+    b have, the shares whose difference of means is at least and at most the observed one, the smaller doubled."""
+    pooled, observed = [*a, *b], statistics.fmean(a) - statistics.fmean(b)
+    differences = [statistics.fmean(pooled[i] for i in chosen)
+                   - statistics.fmean(pooled[i] for i in range(len(pooled)) if i not in chosen)
+                   for chosen in itertools.combinations(range(len(pooled)), len(a))]
+    at_least = sum(d >= observed - 1e-12 for d in differences) / len(differences)
+    at_most = sum(d <= observed + 1e-12 for d in differences) / len(differences)
+    return min(1.0, 2 * min(at_least, at_most))
+
+
+def paired_permutation_p_value(a, b):
+    """The exact two-sided paired permutation test written out: every choice of which value of each pair is a's
+    (a sign for each difference), the shares whose mean difference is at least and at most the observed one,
+    the smaller doubled."""
+    differences = [x - y for x, y in zip(a, b)]
+    observed = statistics.fmean(differences)
+    means = [statistics.fmean(s * d for s, d in zip(signs, differences))
+             for signs in itertools.product((1, -1), repeat=len(differences))]
+    at_least = sum(m >= observed - 1e-12 for m in means) / len(means)
+    at_most = sum(m <= observed + 1e-12 for m in means) / len(means)
+    return min(1.0, 2 * min(at_least, at_most))
+
+
+def benjamini_hochberg(p_values):
+    """Benjamini-Hochberg's adjusted p-values written out: the i-th smallest of m p-values times m / i, then the
+    smallest of those from it upwards (so that they keep the p-values' order), at most 1."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    scaled = [p_values[i] * len(p_values) / rank for rank, i in enumerate(order, 1)]
+    adjusted = [min(1.0, *scaled[rank:]) for rank in range(len(order))]
+    return [adjusted[order.index(i)] for i in range(len(p_values))]
 
 
 def test_the_readmes_reading_map_gives_each_sections_lines_in_btvae_py():
@@ -2199,7 +2225,7 @@ def fabricate_run(runs_dir, dataset, lam2, seed, fid, latent_dim=128, data_dir="
     (folder / "metrics.json").write_text(json.dumps({**measured, "epochs_trained": epochs, "stopped_early": False}))
     for name in ("samples.png", "samples_gmm.png"):
         torchvision.utils.save_image(torch.rand(4, 1, 32, 32), folder / name, nrow=2)
-    mu = torch.randn(50, latent_dim)
+    mu = torch.randn(50, latent_dim, generator=torch.Generator().manual_seed(seed))
     figures = {"mu_variance": mu.var(0), "mu_correlation": btvae.cross_correlation(mu, mu)}
     if latent_dim <= 2:
         figures.update(test_mu=mu, test_labels=torch.arange(50) % 10)
@@ -2212,65 +2238,103 @@ def fabricate_run(runs_dir, dataset, lam2, seed, fid, latent_dim=128, data_dir="
     return folder
 
 
-def test_the_difference_the_tables_call_detectable_is_found_by_welchs_test_as_often_as_they_say():
-    from scipy.stats import ttest_ind
+def test_the_difference_the_tables_call_detectable_is_found_by_the_permutation_test_as_often_as_they_say():
     generator = np.random.default_rng(1)  # sweeps of its own, not those report.py counted
-    for seeds, vae_seeds in ((3, 3), (3, 5)):
+    for seeds, vae_seeds in ((3, 5), (5, 5)):
         difference = report.detectable_difference(seeds, vae_seeds)
-        setting = generator.normal(difference, 1, (100_000, seeds))
-        vae = generator.normal(0, 1, (100_000, vae_seeds))
-        found = ttest_ind(setting, vae, axis=1, equal_var=False).pvalue < report.SIGNIFICANCE
-        assert found.mean() == pytest.approx(report.DETECTION_POWER, abs=0.01)
+        setting = generator.normal(difference, 1, (20_000, seeds))
+        vae = generator.normal(0, 1, (20_000, vae_seeds))
+        pooled = np.concatenate([setting, vae], axis=1)
+        splits = [list(chosen) for chosen in itertools.combinations(range(seeds + vae_seeds), seeds)]
+        others = [[i for i in range(seeds + vae_seeds) if i not in chosen] for chosen in splits]
+        differences = np.stack([pooled[:, a].mean(1) - pooled[:, b].mean(1) for a, b in zip(splits, others)], 1)
+        observed = setting.mean(1) - vae.mean(1)
+        at_least = (differences >= observed[:, None] - 1e-12).mean(1)
+        at_most = (differences <= observed[:, None] + 1e-12).mean(1)
+        found = np.minimum(1, 2 * np.minimum(at_least, at_most)) < report.SIGNIFICANCE
+        assert found.mean() == pytest.approx(report.DETECTION_POWER, abs=0.015)
+    assert report.detectable_difference(3, 3) is None  # its smallest p-value, 2 / 20, is 0.1: it can find nothing
+
+
+def btvae_cells(table):
+    """{(lambda2, column title): cell} of every BTVAE row in a table1.md's tables."""
+    cells, header = {}, []
+    for line in table.splitlines():
+        values = [cell.strip() for cell in line.strip("|").split("|")]
+        if line.startswith("| data set |"):
+            header = values
+        elif line.startswith("| mnist | BTVAE |"):
+            cells.update({(float(values[2]), title): value for title, value in zip(header, values)})
+    return cells
 
 
 def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     runs = tmp_path / "runs"
-    for seed, (vae, good, close) in enumerate([(1.0, 0.5, 0.98), (1.1, 0.52, 1.05), (0.9, 0.48, 1.0)]):
-        fabricate_run(runs, "mnist", 0.0, seed, vae)
-        fabricate_run(runs, "mnist", 0.025, seed, good, latent={"active_units": 128, "probe_accuracy": 0.8 + seed / 100})
-        fabricate_run(runs, "mnist", 0.25, seed, close, latent={"probe_accuracy": 0.945 + seed / 100})
+    vae_fid, good_fid = [1.0, 1.1, 0.9, 1.05, 0.95, 1.02], [0.5, 0.52, 0.48, 0.51, 0.49, 0.5]
+    worse_fid, close_fid = [1.5, 1.6, 1.55], [0.98, 1.05, 1.0]
+    for seed in range(6):
+        fabricate_run(runs, "mnist", 0.0, seed, vae_fid[seed])
+        fabricate_run(runs, "mnist", 0.025, seed, good_fid[seed],  # the ceiling of active units; probe against 0.95
+                      latent={"active_units": 128, "probe_accuracy": 0.8 + seed / 100})
+    for seed in range(3):
+        fabricate_run(runs, "mnist", 0.25, seed, worse_fid[seed])
+        fabricate_run(runs, "mnist", 0.5, seed, close_fid[seed])
     (fabricate_run(runs, "mnist", -0.00025, 0, None) / "FAILED").write_text("exit status 1: btvae.py: stopped: NaN")
     fabricate_run(runs, "mnist", -0.00025, 1, None)  # no metrics and no FAILED: interrupted
-    for seed in (2, 3):  # two finished beside them: a test of 2 seeds against the VAE's 3
+    for seed in (2, 3):  # two finished beside them: a test of 2 seeds against the VAE's 6
         fabricate_run(runs, "mnist", -0.00025, seed, 1.0 + seed / 10)
     fabricate_run(runs, "mnist", 0.0025, 0, 0.7)  # one seed: its values alone, no spread and no test
     report.make_report(tmp_path)
 
     rows = {float(r["lam2"]): r for r in csv.DictReader(open(tmp_path / "table1.csv"))}
-    assert float(rows[0.0]["fid_mean"]) == pytest.approx(1.0) and float(rows[0.0]["fid_std"]) == pytest.approx(0.1)
-    assert float(rows[0.0]["paper_fid"]) == 0.0187 and rows[0.0]["seeds"] == "0,1,2"
-    vae_fid, good_fid, close_fid = [1.0, 1.1, 0.9], [0.5, 0.52, 0.48], [0.98, 1.05, 1.0]
-    p_good, p_close = welch_p_value(good_fid, vae_fid), welch_p_value(close_fid, vae_fid)
-    assert float(rows[0.025]["fid_p_vs_vae"]) == pytest.approx(p_good) and p_good < 0.05
-    assert rows[0.025]["fid_versus_vae"] == f"better than VAE (Welch p = {p_good:.2g})"
-    assert float(rows[0.25]["fid_p_vs_vae"]) == pytest.approx(p_close) and p_close > 0.05
-    assert rows[0.25]["fid_versus_vae"] == f"no difference from VAE detected (Welch p = {p_close:.2g})"
+    assert float(rows[0.0]["fid_mean"]) == pytest.approx(statistics.fmean(vae_fid))
+    assert float(rows[0.0]["fid_std"]) == pytest.approx(statistics.stdev(vae_fid))
+    assert float(rows[0.0]["paper_fid"]) == 0.0187 and rows[0.0]["seeds"] == "0,1,2,3,4,5"
+    for lam2, fid in ((0.025, good_fid), (0.25, worse_fid), (0.5, close_fid)):
+        assert float(rows[lam2]["fid_p_vs_vae"]) == pytest.approx(permutation_p_value(fid, vae_fid))
+    assert float(rows[0.025]["fid_p_vs_vae"]) == pytest.approx(2 / math.comb(12, 6))  # every seed apart: the least
+    # Benjamini-Hochberg over all the table's tests together
+    tests = [(lam2, key) for lam2, row in rows.items() for key, _, _ in report.COMPARED if row[f"{key}_p_vs_vae"]]
+    p_values = [float(rows[lam2][f"{key}_p_vs_vae"]) for lam2, key in tests]
+    for (lam2, key), q in zip(tests, benjamini_hochberg(p_values)):
+        assert float(rows[lam2][f"{key}_q_vs_vae"]) == pytest.approx(q)
+    p_good, q_good = float(rows[0.025]["fid_p_vs_vae"]), float(rows[0.025]["fid_q_vs_vae"])
+    assert rows[0.025]["fid_versus_vae"] == f"better than VAE (p = {p_good:.2g}, q = {q_good:.2g})" and q_good <= 0.05
+    p_worse, q_worse = float(rows[0.25]["fid_p_vs_vae"]), float(rows[0.25]["fid_q_vs_vae"])
+    assert p_worse < 0.05 < q_worse  # every seed apart too, but 3 seeds cannot say it firmly enough for the table
+    assert rows[0.25]["fid_versus_vae"] == f"no difference from VAE found (p = {p_worse:.2g}, q = {q_worse:.2g})"
+    assert rows[0.5]["fid_versus_vae"].startswith("no difference from VAE found (p = ")
     assert "NaN" in rows[-0.00025]["failed"] and "interrupted" in rows[-0.00025]["failed"]
-    assert float(rows[0.025]["precision_2048_mean"]) == pytest.approx(0.51)
     assert float(rows[0.025]["fid_2048_mean"]) == pytest.approx(50) and float(rows[0.025]["fid_gmm_mean"]) == pytest.approx(0.25)
     assert rows[0.025]["fid_2048_gmm_versus_vae"].startswith("better than VAE")
-    assert rows[0.025]["precision_2048_versus_vae"].startswith("no difference")  # 0.51 ± 0.01 against the same
-    assert float(rows[0.025]["active_units_mean"]) == 128 and float(rows[0.025]["active_units_std"]) == 0
-    assert rows[0.025]["active_units_versus_vae"] == "higher than VAE (Welch p = 0)"  # no spread in either: apart
-    p_probe = welch_p_value([0.8, 0.81, 0.82], [0.95] * 3)
-    assert rows[0.025]["probe_accuracy_versus_vae"] == f"lower than VAE (Welch p = {p_probe:.2g})"
-    assert rows[0.25]["probe_accuracy_versus_vae"].startswith("no difference")  # 0.955 ± 0.01 against 0.95 ± 0
-    assert rows[0.25]["twin_correlation_versus_vae"] == "no difference from VAE detected (Welch p = 1)"  # equal
+    # a side whose seeds all have one value is not tested: a ceiling, the VAE's side, both sides the same
+    assert rows[0.025]["active_units_versus_vae"] == "no test: 128.0 in every seed (the ceiling)"
+    assert rows[0.025]["active_units_p_vs_vae"] == "" and rows[0.025]["active_units_q_vs_vae"] == ""
+    assert rows[0.025]["probe_accuracy_versus_vae"] == "no test: the VAE's 0.950 in every seed"
+    assert rows[0.25]["twin_correlation_versus_vae"] == "no test: 0.900 in every seed"
     assert float(rows[0.0]["pixel_probe_accuracy"]) == pytest.approx(0.9)
     table = (tmp_path / "table1.md").read_text()
-    p_good_gmm = welch_p_value([f / 2 for f in good_fid], [f / 2 for f in vae_fid])
-    assert (f"| mnist | BTVAE | 0.025 | 0,1,2 | 0.5000 ± 0.0200 **better** p = {p_good:.2g} "
-            f"| 0.2500 ± 0.0100 **better** p = {p_good_gmm:.2g} | 7.0 | 0.0324 |") in table
-    assert f"| mnist | BTVAE | 0.25 | 0,1,2 | 1.0100 ± 0.0361 p = {p_close:.2g} |" in table
-    assert "| mnist | BTVAE | 0.025 | 0,1,2 | 128.0 ± 0.0 **higher** p = 0 | 0.200 ± 0.000 p = 1 | " in table
-    assert f"| 0.900 ± 0.000 p = 1 | 0.810 ± 0.010 **lower** p = {p_probe:.2g} | 0.900 |" in table
+    spread = statistics.stdev(good_fid)
+    assert (f"| mnist | BTVAE | 0.025 | 0,1,2,3,4,5 | 0.5000 ± {spread:.4f} **better** p = {p_good:.2g} "
+            f"| 0.2500 ± {spread / 2:.4f} **better** p = {p_good:.2g} | 7.0 | 0.0324 |") in table
+    assert f"| mnist | BTVAE | 0.25 | 0,1,2 | 1.5500 ± 0.0500 p = {p_worse:.2g} |" in table  # not bold: not kept
+    assert "| mnist | BTVAE | 0.025 | 0,1,2,3,4,5 | 128.0 in every seed (the ceiling), no test | " in table
+    assert "| 0.825 ± 0.019, no test (the VAE's 0.950 in every seed) | 0.900 |" in table
+    cells, titles = btvae_cells(table), {key: title for key, title, _ in report.COMPARED}
+    titles["active_correlation"] = "among active units"
+    for lam2, key in tests:  # the side in bold exactly where the verdict survives the correction
+        assert ("**" in cells[lam2, titles[key]]) == (float(rows[lam2][f"{key}_q_vs_vae"]) <= 0.05)
+    assert f"mnist: {len(tests)} tests, of which {sum(q <= 0.05 for q in benjamini_hochberg(p_values))} survive" in table
     assert "eval.py (waymao/PyTorch-VAE, last changed in commit 9be0949)" in table
     assert "| mnist | BTVAE | 0.0025 | 0 | 0.7000 | 0.3500 | 7.0 | 0.1984 |" in table
     assert rows[0.0025]["fid_std"] == "" and rows[0.0025]["fid_versus_vae"] == "no comparison (needs 2+ seeds each)"
-    # the legend's detectable difference, for each pair of seed counts the table compares (one seed: none)
-    assert (f"this far apart (the same spread on both sides): {report.detectable_difference(2, 3):.1f} standard "
-            f"deviations with 2 seeds against the VAE's 3; {report.detectable_difference(3, 3):.1f} standard "
-            "deviations with 3 seeds against the VAE's 3. A smaller") in table
+    # the legend: the test's smallest p-values and what it can find, for each pair of seed counts it compares
+    assert (f"Its smallest possible p-value: {2 / math.comb(8, 2):.2g} with 2 seeds against the VAE's 6; "
+            f"{2 / math.comb(9, 3):.2g} with 3 seeds against the VAE's 6; {2 / math.comb(12, 6):.2g} with 6 seeds "
+            "against the VAE's 6.") in table
+    assert (f"this far apart (normal values, the same spread on both sides): {report.detectable_difference(3, 6):.1f} "
+            f"standard deviations with 3 seeds against the VAE's 6; {report.detectable_difference(6, 6):.1f} standard "
+            "deviations with 6 seeds against the VAE's 6. With 2 seeds against the VAE's 6 it can find none") in table
 
     assert "REDUCED" not in table
     for figure in ("figure2_mnist.png", "latent_mnist.png"):
@@ -2278,32 +2342,59 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
 
 
 def test_report_compares_the_samplers_model_by_model_and_how_the_two_fids_order_the_settings(tmp_path):
-    from scipy.stats import kendalltau, t as student_t
+    from scipy.stats import kendalltau
     runs = tmp_path / "runs"
-    vae_fid, btvae_fid = [1.0, 1.2, 0.9], [2.0, 2.5, 2.2]
-    for seed in range(3):  # FID-64: the VAE is better; FID-2048 (100x the VAE's): the BTVAE is
-        fabricate_run(runs, "mnist", 0.0, seed, vae_fid[seed])
-        fabricate_run(runs, "mnist", 0.025, seed, btvae_fid[seed], latent={"fid_2048": 10 + seed, "fid_2048_gmm": 9})
+    vae_fid, btvae_fid = [1.0, 1.2, 0.9, 1.1, 0.95, 1.05, 1.15], [2.0, 2.5, 2.2]
+    for seed, fid in enumerate(vae_fid):  # FID-64: the VAE is better; FID-2048 (100x the VAE's): the BTVAE is
+        fabricate_run(runs, "mnist", 0.0, seed, fid, latent={"precision_2048_gmm": 0.6 + seed / 1000})
+    for seed, fid in enumerate(btvae_fid):
+        fabricate_run(runs, "mnist", 0.025, seed, fid, latent={"fid_2048": 10 + seed, "fid_2048_gmm": 9,
+                                                               "recall_2048": 0.0, "recall_2048_gmm": 0.0})
+    for seed in range(6):  # FID-64 lower from the mixture in every seed; the other two measures no different
+        fabricate_run(runs, "mnist", 0.5, seed, 3.0 + seed / 10, latent={
+            "fid_2048": 10 + seed % 2, "fid_2048_gmm": 10.5, "precision_2048_gmm": 0.5 + seed / 100 + (-1) ** seed / 1000,
+            "recall_2048": 0.0, "recall_2048_gmm": 0.0})
     fabricate_run(runs, "mnist", 0.25, 0, 5.0, latent={"fid_2048": None})  # measured without --fid-2048: left out
     report.make_report(tmp_path)
     page = (tmp_path / "diversity.md").read_text()
 
     differences = [f / 2 - f for f in vae_fid]  # fabricate_run's mixture FID-64 is half the prior's
     mean, sd = statistics.fmean(differences), statistics.stdev(differences)
-    paired_t = mean / (sd / math.sqrt(3))
-    p = 2 * student_t.sf(abs(paired_t), 2)
-    p_precision = 2 * student_t.sf(0.09 / (0.01 / math.sqrt(3)), 2)  # mixture 0.6 against 0.5 + seed / 100
-    assert (f"| mnist | 0 | 0,1,2 | {mean:+.4f} ± {sd:.4f} **better** p = {p:.2g} | "
-            f"{100 * mean:+.2f} ± {100 * sd:.2f} **better** p = {p:.2g} | "
-            f"+0.090 ± 0.010 **higher** p = {p_precision:.2g} | -0.100 ± 0.000 **lower** p = 0 |") in page
-    p_btvae = 2 * student_t.sf(2 / (1 / math.sqrt(3)), 2)  # mixture 9 against 10, 11, 12: not detected
-    assert f"| -2.00 ± 1.00 p = {p_btvae:.2g} | " in page and p_btvae > 0.05
+    p = paired_permutation_p_value([f / 2 for f in vae_fid], vae_fid)
+    assert p == pytest.approx(2 / 2**7)  # lower in every seed: the least 7 pairs give
+    precision = [0.6 + seed / 1000 - (0.5 + seed / 100) for seed in range(7)]  # mixture against prior
+    p_precision = paired_permutation_p_value([0.6 + seed / 1000 for seed in range(7)],
+                                             [0.5 + seed / 100 for seed in range(7)])
+    tests = [p, p, p_precision, p]  # the VAE's four, then the BTVAE's three: its recall is 0 from both samplers
+    p_btvae = paired_permutation_p_value([9] * 3, [10, 11, 12])
+    p_btvae_fid = paired_permutation_p_value([f / 2 for f in btvae_fid], btvae_fid)
+    p_btvae_precision = paired_permutation_p_value([0.6] * 3, [0.5, 0.51, 0.52])
+    p_half = paired_permutation_p_value([(3.0 + seed / 10) / 2 for seed in range(6)], [3.0 + seed / 10 for seed in range(6)])
+    p_half_others = [paired_permutation_p_value([10.5] * 6, [10 + seed % 2 for seed in range(6)]),
+                     paired_permutation_p_value([0.5 + seed / 100 + (-1) ** seed / 1000 for seed in range(6)],
+                                                [0.5 + seed / 100 for seed in range(6)])]
+    q = benjamini_hochberg(tests + [p_btvae_fid, p_btvae, p_btvae_precision, p_half, *p_half_others])
+    assert q[0] <= 0.05 < q[4]  # the VAE's 7 pairs can establish a verdict; the BTVAE's 3 cannot
+    assert p_half == pytest.approx(2 / 2**6) and q[7] > 0.05  # lower in all 6 seeds, not kept among these tests
+    assert f"| mnist | 0.5 | 0,1,2,3,4,5 | -1.6250 ± 0.0935 (lower in 6 of 6) p = {p_half:.2g} |" in page
+    assert (f"| mnist | 0 | 0,1,2,3,4,5,6 | {mean:+.4f} ± {sd:.4f} (lower in 7 of 7) **better** p = {p:.2g} | "
+            f"{100 * mean:+.2f} ± {100 * sd:.2f} (lower in 7 of 7) **better** p = {p:.2g} | "
+            f"{statistics.fmean(precision):+.3f} ± {statistics.stdev(precision):.3f} (higher in 7 of 7) **higher** "
+            f"p = {p_precision:.2g} | -0.100 ± 0.000 (lower in 7 of 7) **lower** p = {p:.2g} |") in page
+    assert (f"| mnist | 0.025 | 0,1,2 | {statistics.fmean(btvae_fid) / -2:+.4f} ± {statistics.stdev(btvae_fid) / 2:.4f} "
+            f"(lower in 3 of 3) p = {p_btvae_fid:.2g} | -2.00 ± 1.00 (lower in 3 of 3) p = {p_btvae:.2g} | ") in page
+    assert "| both 0.000 in every seed, no test |" in page
+    assert f"mnist: {len(q)} tests, of which {sum(value <= 0.05 for value in q)} survive" in page
+    assert "It cannot be below 2 / 2^n (0.25 with 3 seeds, 0.031 with 6 seeds, 0.016 with 7 seeds)" in page
     assert "| mnist | 0.25 |" not in page
-    tau_runs = kendalltau(vae_fid + btvae_fid, [100 * f for f in vae_fid] + [10, 11, 12])
-    assert tau_runs.statistic < 0
-    assert (f"| mnist | prior | 0 < 0.025 | 0.025 < 0 | - | {tau_runs.statistic:.2f} "
-            f"(p = {tau_runs.pvalue:.2g}, n = 6) |") in page
-    assert "| mnist | mixture | 0 < 0.025 | 0.025 < 0 | - |" in page
+    half_fid = [3.0 + seed / 10 for seed in range(6)]
+    by_64 = [vae_fid, btvae_fid, half_fid]
+    by_2048 = [[100 * f for f in vae_fid], [10, 11, 12], [10 + seed % 2 for seed in range(6)]]
+    tau_settings = kendalltau([statistics.fmean(s) for s in by_64], [statistics.fmean(s) for s in by_2048])
+    tau_runs = kendalltau(sum(by_64, []), sum(by_2048, []))
+    assert (f"| mnist | prior | 0 < 0.025 < 0.5 | 0.5 < 0.025 < 0 | {tau_settings.statistic:.2f} "
+            f"(p = {tau_settings.pvalue:.2g}, n = 3) | {tau_runs.statistic:.2f} (p = {tau_runs.pvalue:.2g}, n = 16) |") in page
+    assert "| mnist | mixture | 0 < 0.025 < 0.5 | 0.025 < 0.5 < 0 |" in page
 
 
 def test_report_sets_the_full_budget_beside_the_reduced_one(tmp_path):
@@ -2318,8 +2409,8 @@ def test_report_sets_the_full_budget_beside_the_reduced_one(tmp_path):
     table = (tmp_path / "budgets.md").read_text()
     assert "(quick/: REDUCED BUDGET: at most 3 epochs)" in table
     assert "| metric | VAE | lambda2 = 0.25 |" in table
-    p_quick = welch_p_value([5.0, 5.1], [2.0, 2.1])
-    assert f"| FID (prior) | 1.0500 ± 0.0707 / 2.0500 ± 0.0707 | - / 5.0500 ± 0.0707 **worse** p = {p_quick:.2g} |" in table
+    p_quick = permutation_p_value([5.0, 5.1], [2.0, 2.1])  # 2 seeds against 2: 1/3 at the least, never a verdict
+    assert f"| FID (prior) | 1.0500 ± 0.0707 / 2.0500 ± 0.0707 | - / 5.0500 ± 0.0707 p = {p_quick:.2g} |" in table
     assert "| epochs trained | 7.0 ± 0.0 / 3.0 ± 0.0 | - / 3.0 ± 0.0 |" in table
 
     (tmp_path / "budgets.md").unlink()

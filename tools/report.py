@@ -7,7 +7,8 @@ Writes, beside the runs:
   table1.md, table1.csv    Table 1: per data set and lambda2, mean and standard deviation over seeds of FID-64 and
                            FID-2048 (samples from the prior and from a Gaussian mixture fitted to the latents),
                            precision and recall in 2048-d features, the latent-space metrics, the paper's FID
-                           beside ours, and Welch's t-test of each BTVAE setting against the VAE
+                           beside ours, and an exact permutation test of each BTVAE setting against the VAE,
+                           corrected for the table's many tests (Benjamini-Hochberg)
   figure2_<dataset>.png    Figure 2: 144 samples of the VAE beside those of the best BTVAE (by mean FID), from the
                            prior and from the mixture
   latent_<dataset>.png     the latent space of the VAE and each BTVAE setting: |correlation| between dimensions of
@@ -37,9 +38,9 @@ import re
 import statistics
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # btvae.py is at the project's top
@@ -134,12 +135,16 @@ LATENT_METRICS = [("active_units", "active units", 1), ("latent_correlation", "l
                   ("active_correlation", "correlation among active units", 3),
                   ("twin_correlation", "twin correlation", 3), ("probe_accuracy", "probe accuracy", 3)]
 EPOCHS = ("epochs_trained", "epochs trained", 1)  # averaged like the metrics, never compared with the VAE's
-SIGNIFICANCE = 0.05  # Welch's t-test of a BTVAE setting against the VAE, per metric, not corrected for the many
-SEEDS_FOR_A_TEST = 2  # a spread needs two values a side: fewer seeds get their values alone, untested
+SIGNIFICANCE = 0.05  # the false discovery rate at which Benjamini-Hochberg keeps a table's verdicts
+SEEDS_FOR_A_TEST = 2  # fewer seeds a side get their values alone, untested
+COMPARED = SAMPLE_METRICS + LATENT_METRICS  # each compared with the VAE's, setting by setting
+SHARES = {"precision_2048", "recall_2048", "precision_2048_gmm", "recall_2048_gmm", "probe_accuracy"}  # in [0, 1]
 
 
 def summarise(runs):
-    """One row per (data set, lambda2) of the Table 1 runs (latent dimension as configured, not Figure 3's)."""
+    """One row per (data set, lambda2) of the Table 1 runs (latent dimension as configured, not Figure 3's),
+    each BTVAE setting tested against the VAE metric by metric, and the verdicts of each data set's tests
+    corrected together (Benjamini-Hochberg)."""
     groups = {}
     for run in runs:
         if not run["folder"].name.startswith("figure3_"):
@@ -150,11 +155,11 @@ def summarise(runs):
         finished = [r["metrics"] for r in group if r["metrics"] is not None]
         row = {"dataset": dataset, "lam2": lam2, "model": "VAE" if lam2 == 0 else "BTVAE",
                "seeds": ",".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]) if r["metrics"]),
-               "seed_count": len(finished),
+               "seed_count": len(finished), "latent_dim": group[0]["latent_dim"],
                "pixel_probe_accuracy": mean_and_spread([m.get("pixel_probe_accuracy") for m in finished])[0],
                "paper_fid": PAPER_TABLE1.get(lam2, {}).get(dataset),
                "failed": "; ".join(f"seed {r['seed']}: {r['failure']}" for r in group if r["failure"])}
-        for key, _, _ in SAMPLE_METRICS + LATENT_METRICS + [EPOCHS]:
+        for key, _, _ in COMPARED + [EPOCHS]:
             row[f"{key}_values"] = [m[key] for m in finished if m.get(key) is not None]
             row[f"{key}_n"] = len(row[f"{key}_values"])
             row[f"{key}_mean"], row[f"{key}_std"] = mean_and_spread(row[f"{key}_values"])
@@ -162,70 +167,165 @@ def summarise(runs):
     for row in rows:
         vae = next((r for r in rows if r["dataset"] == row["dataset"] and r["lam2"] == 0), None)
         row["vae_seed_count"] = vae["seed_count"] if vae else 0
-        for key, _, _ in SAMPLE_METRICS + LATENT_METRICS:
-            words = ("better", "worse") if key.startswith("fid") else ("lower", "higher")
-            row[f"{key}_p_vs_vae"], row[f"{key}_versus_vae"] = compare_with_vae(row, vae, key, words)
+        for key, _, _ in COMPARED:
+            row[f"{key}_vae_mean"] = vae[f"{key}_mean"] if vae else None
+            row[f"{key}_p_vs_vae"], row[f"{key}_untested"] = compare_with_vae(row, vae, key)
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        tests = [(row, key) for row in rows if row["dataset"] == dataset for key, _, _ in COMPARED
+                 if row[f"{key}_p_vs_vae"] is not None]
+        for (row, key), q in zip(tests, q_values([row[f"{key}_p_vs_vae"] for row, key in tests])):
+            row[f"{key}_q_vs_vae"] = q
+    for row in rows:
+        for key, _, _ in COMPARED:
+            row[f"{key}_versus_vae"] = verdict(row, key)
     return rows
 
 
-def welch_p_value(a, b):
-    """Welch's t-test (two-sided, unequal variances) of two samples; None where it is undefined."""
-    from scipy.stats import ttest_ind
-    if statistics.variance(a) == statistics.variance(b) == 0:  # no spread in either: equal, or apart for sure
-        return 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
-    with warnings.catch_warnings():  # scipy warns of lost precision when two samples are (nearly) the same
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(ttest_ind(a, b, equal_var=False).pvalue)
+def difference_of_means(a, b, axis):
+    return np.mean(a, axis=axis) - np.mean(b, axis=axis)
 
 
-DETECTION_POWER = 0.8  # what the legend's "finds" means: in this share of repeated sweeps
+RELABELLINGS = 10**6  # every relabelling of the seeds up to this many; this many drawn at random (seeded) beyond
 
 
-@functools.cache  # the same seed counts give the same answer, and a sweep's tables ask for few
-def detectable_difference(seeds, vae_seeds, draws=100_000):
-    """The difference between two settings' means, in standard deviations of either (the same spread on both
-    sides), that Welch's test at SIGNIFICANCE finds with a chance of DETECTION_POWER, from `seeds` runs against
-    the VAE's `vae_seeds`. That chance has no closed form (Student's, from the noncentral t, overstates it at
-    few seeds), so it is counted over `draws` simulated sweeps of normal values, the same draws for every
-    difference tried (a fixed seed: the tables stay the same)."""
-    import numpy as np
-    from scipy.optimize import brentq
-    from scipy.stats import ttest_ind
-    generator = np.random.default_rng(0)
-    setting, vae = generator.standard_normal((draws, seeds)), generator.standard_normal((draws, vae_seeds))
-
-    def found_minus_power(difference):
-        found = ttest_ind(setting + difference, vae, axis=1, equal_var=False).pvalue < SIGNIFICANCE
-        return float(found.mean()) - DETECTION_POWER
-    return brentq(found_minus_power, 0, 20, xtol=0.01)
+def permutation_p_value(a, b, paired=False, relabellings=RELABELLINGS):
+    """Two-sided p-value of the exact permutation test of the difference between the means of a and b
+    (scipy.stats.permutation_test): the share of the ways of relabelling the values (which seeds are a's; with
+    paired, which value of each pair is a's) that give a difference of means at least as large, in the
+    observed direction, doubled. It assumes nothing about how the values are distributed, so it can be no
+    smaller than the seeds allow (smallest_p_value); a p-value from a model of their distribution, such as
+    Welch's t-test, can, and is then the model's, not the seeds'. a and b: the seeds' values, or rows of them
+    (one p-value per row, as an array). Exact up to `relabellings` ways; beyond, that many drawn (seeded).
+    """
+    from scipy.stats import permutation_test
+    result = permutation_test((np.asarray(a, dtype=float), np.asarray(b, dtype=float)), difference_of_means,
+                              permutation_type="samples" if paired else "independent", vectorized=True,
+                              n_resamples=relabellings, alternative="two-sided", axis=-1, rng=0)
+    return float(result.pvalue) if np.ndim(result.pvalue) == 0 else result.pvalue
 
 
-def detection_note(rows):
-    """The legend's sentence on what the test can detect with the seeds each comparison has."""
-    counts = sorted({(row["seed_count"], row["vae_seed_count"]) for row in rows
-                     if row["lam2"] != 0 and min(row["seed_count"], row["vae_seed_count"]) >= SEEDS_FOR_A_TEST})
-    if not counts:
-        return f"No setting has the {SEEDS_FOR_A_TEST} or more seeds a side the test needs."
-    sizes = "; ".join(f"{detectable_difference(seeds, vae_seeds):.1f} standard deviations with {seeds} seeds "
-                      f"against the VAE's {vae_seeds}" for seeds, vae_seeds in counts)
-    return (f"The test finds a difference {DETECTION_POWER:.0%} of the time when the means are this far apart "
-            f"(the same spread on both sides): {sizes}. A smaller difference often goes unmarked, so an unmarked "
-            "cell is not evidence of no difference.")
+def smallest_p_value(seeds, other_seeds=None):
+    """The smallest p-value permutation_p_value can give: 2 / C(n + m, n) for two sets of seeds, 2 / 2^n for n
+    pairs (other_seeds None)."""
+    relabellings = 2 ** seeds if other_seeds is None else math.comb(seeds + other_seeds, seeds)
+    return min(1.0, 2 / relabellings)
 
 
-def compare_with_vae(row, vae, key, words):
-    """Welch's t-test of this setting's seeds against the VAE's on `key`: (p-value, verdict). A verdict names
-    the side only when p < SIGNIFICANCE. words: what a lower and a higher value is called."""
+def q_values(p_values):
+    """Benjamini-Hochberg's adjusted p-values (scipy.stats.false_discovery_control): a verdict whose q is at most
+    SIGNIFICANCE stands with a false discovery rate of SIGNIFICANCE over these tests (when they are
+    independent or positively dependent, as metrics of the same runs are)."""
+    from scipy.stats import false_discovery_control
+    return [float(q) for q in false_discovery_control(p_values, method="bh")] if p_values else []
+
+
+def in_every_seed(row, key, value, digits):
+    """A value that every seed of a side has, and whether it is the metric's floor or ceiling."""
+    ceiling = row["latent_dim"] if key == "active_units" else 1 if key in SHARES else None
+    bound = (" (the ceiling)" if ceiling is not None and value == ceiling
+             else " (the floor)" if ceiling is not None and value == 0 else "")
+    return f"{value:.{digits}f} in every seed{bound}"
+
+
+def compare_with_vae(row, vae, key):
+    """(the permutation test's p-value of this setting's seeds against the VAE's on `key`, None) or (None, why
+    there is no test). A side whose seeds all have the same value (at a metric's ceiling or floor, say) is not
+    tested: its spread says nothing of how far the other side's seeds could fall from it."""
     if row["lam2"] == 0:
         return None, ""
     if vae is None or not row[f"{key}_values"] or not vae[f"{key}_values"]:
         return None, "no comparison (missing runs)"
     if min(row[f"{key}_n"], vae[f"{key}_n"]) < SEEDS_FOR_A_TEST:
         return None, f"no comparison (needs {SEEDS_FOR_A_TEST}+ seeds each)"
-    p = welch_p_value(row[f"{key}_values"], vae[f"{key}_values"])
-    if p >= SIGNIFICANCE:
-        return p, f"no difference from VAE detected (Welch p = {p:.2g})"
-    return p, f"{words[row[f'{key}_mean'] > vae[f'{key}_mean']]} than VAE (Welch p = {p:.2g})"
+    digits = dict((k, d) for k, _, d in COMPARED)[key]
+    for side, whose in ((row, ""), (vae, "the VAE's ")):
+        if len(set(side[f"{key}_values"])) == 1:
+            return None, f"no test: {whose}{in_every_seed(side, key, side[f'{key}_values'][0], digits)}"
+    return permutation_p_value(row[f"{key}_values"], vae[f"{key}_values"]), None
+
+
+def survives(row, key):
+    q = row.get(f"{key}_q_vs_vae")
+    return q is not None and q <= SIGNIFICANCE
+
+
+def verdict(row, key):
+    """In words: the side this setting is on against the VAE where the test's verdict survives the correction,
+    else that none was found, or why there is no test."""
+    p = row[f"{key}_p_vs_vae"]
+    if p is None:
+        return row[f"{key}_untested"]
+    tested = f"p = {p:.2g}, q = {row[f'{key}_q_vs_vae']:.2g}"
+    if not survives(row, key):
+        return f"no difference from VAE found ({tested})"
+    return f"{side_word(row, key)} than VAE ({tested})"
+
+
+def side_word(row, key):
+    """better or worse (FIDs: lower is better), else lower or higher: where this setting's mean is."""
+    words = ("better", "worse") if key.startswith("fid") else ("lower", "higher")
+    return words[row[f"{key}_mean"] > row[f"{key}_vae_mean"]]
+
+
+DETECTION_POWER = 0.8  # what the legend's "finds" means: in this share of repeated sweeps
+
+
+@functools.cache  # the same seed counts give the same answer, and a sweep's tables ask for few
+def detectable_difference(seeds, vae_seeds, draws=4_000, relabellings=1_000):
+    """The difference between two settings' means, in standard deviations of either (the same spread on both
+    sides, normal values), that the permutation test finds at p < SIGNIFICANCE with a chance of
+    DETECTION_POWER, from `seeds` runs against the VAE's `vae_seeds`, before any correction; None where its
+    smallest p-value is not below SIGNIFICANCE. Counted over `draws` simulated sweeps, the same draws for every
+    difference tried (a fixed seed: the tables stay the same); beyond `relabellings` ways to relabel the seeds,
+    the test of each draw takes that many at random, which finds as often and keeps the count quick."""
+    from scipy.optimize import brentq
+    if smallest_p_value(seeds, vae_seeds) >= SIGNIFICANCE:
+        return None
+    generator = np.random.default_rng(0)
+    setting, vae = generator.standard_normal((draws, seeds)), generator.standard_normal((draws, vae_seeds))
+
+    def found_minus_power(difference):
+        found = permutation_p_value(setting + difference, vae, relabellings=relabellings) < SIGNIFICANCE
+        return float(found.mean()) - DETECTION_POWER
+    return brentq(found_minus_power, 0, 20, xtol=0.01)
+
+
+def detection_note(rows):
+    """The legend's sentences on what the test can find with the seeds each comparison has."""
+    counts = sorted({(row["seed_count"], row["vae_seed_count"]) for row in rows
+                     if row["lam2"] != 0 and min(row["seed_count"], row["vae_seed_count"]) >= SEEDS_FOR_A_TEST})
+    if not counts:
+        return f"No setting has the {SEEDS_FOR_A_TEST} or more seeds a side the test needs."
+    smallest = "; ".join(f"{smallest_p_value(seeds, vae_seeds):.2g} with {seeds} seeds against the VAE's {vae_seeds}"
+                         for seeds, vae_seeds in counts)
+    found = [(detectable_difference(seeds, vae_seeds), seeds, vae_seeds) for seeds, vae_seeds in counts]
+    sizes = "; ".join(f"{difference:.1f} standard deviations with {seeds} seeds against the VAE's {vae_seeds}"
+                      for difference, seeds, vae_seeds in found if difference is not None)
+    never = "; ".join(f"{seeds} seeds against the VAE's {vae_seeds}" for difference, seeds, vae_seeds in found
+                      if difference is None)
+    return (f"Its smallest possible p-value: {smallest}. "
+            + (f"Before the correction, it finds a difference {DETECTION_POWER:.0%} of the time when the means "
+               f"are this far apart (normal values, the same spread on both sides): {sizes}. " if sizes else "")
+            + (f"With {never} it can find none at p < {SIGNIFICANCE}. " if never else "")
+            + "A smaller difference often goes unmarked, so an unmarked cell is not evidence of no difference.")
+
+
+TESTS_CORRECTED = (f"The side is marked **higher**, **lower**, **better** or **worse** only where the verdict "
+                   "survives Benjamini-Hochberg's correction for all of a data set's tests in the table at a false "
+                   f"discovery rate of {SIGNIFICANCE} (its q-values are in the CSV): where p is at most the largest "
+                   "p-value that survives.")
+
+
+def correction_note(rows):
+    """Per data set: how many tests the correction took together, and how many verdicts survive it (at what p)."""
+    notes = []
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        tests = [(row, key) for row in rows if row["dataset"] == dataset for key, _, _ in COMPARED
+                 if row[f"{key}_p_vs_vae"] is not None]
+        kept = [row[f"{key}_p_vs_vae"] for row, key in tests if survives(row, key)]
+        notes.append(f"{dataset}: {len(tests)} tests, of which {len(kept)} survive"
+                     + (f" (those with p <= {max(kept):.2g})" if kept else ""))
+    return "; ".join(notes) + "."
 
 
 def number(value, digits=4):
@@ -234,17 +334,22 @@ def number(value, digits=4):
 
 def mean_cell(row, key, digits):
     """'mean ± sd' (with n where fewer seeds have this metric than the row has runs) and, for a BTVAE setting,
-    the p-value of Welch's t-test against the VAE, with the side in bold where p < SIGNIFICANCE."""
+    the permutation test's p-value against the VAE, with the side in bold where it survives the correction;
+    where a side has one value in every seed, that value and no test."""
     if row[f"{key}_mean"] is None:
         return "-"
+    untested = row.get(f"{key}_untested") or ""
+    if untested.startswith("no test: ") and "the VAE's" not in untested:
+        return in_every_seed(row, key, row[f"{key}_mean"], digits) + ", no test"
     cell = mean_with_spread(row[f"{key}_mean"], row[f"{key}_std"], digits)
     if row[f"{key}_n"] != row["seed_count"]:
         cell += f" (n = {row[f'{key}_n']})"
+    if untested.startswith("no test: "):
+        return f"{cell}, no test ({untested.removeprefix('no test: ')})"
     p = row.get(f"{key}_p_vs_vae")
     if p is None:
         return cell
-    verdict = row[f"{key}_versus_vae"]
-    return f"{cell} **{verdict.split()[0]}** p = {p:.2g}" if p < SIGNIFICANCE else f"{cell} p = {p:.2g}"
+    return f"{cell} **{side_word(row, key)}** p = {p:.2g}" if survives(row, key) else f"{cell} p = {p:.2g}"
 
 
 PAPER_FID_NOTE = ("the paper's FID-64 (Table 1) for reference only: the paper says 10,000 samples (Sec. 3.1); the "
@@ -270,13 +375,13 @@ def save_figure(figure, path):
 def write_table1(rows, out, budget_note):
     keys = [key for key, _, _ in SAMPLE_METRICS + LATENT_METRICS]
     columns = ["dataset", "model", "lam2", "seeds",
-               *(f"{key}_{part}" for key in keys for part in ("mean", "std", "n", "p_vs_vae", "versus_vae")),
+               *(f"{key}_{part}" for key in keys for part in ("mean", "std", "n", "p_vs_vae", "q_vs_vae", "versus_vae")),
                "pixel_probe_accuracy", "epochs_trained_mean", "paper_fid", "failed", "budget"]
     csv_text = io.StringIO(newline="")
     writer = csv.DictWriter(csv_text, fieldnames=columns)
     writer.writeheader()
     for row in rows:
-        writer.writerow({**{k: row[k] for k in columns if k != "budget"}, "budget": budget_note or "full"})
+        writer.writerow({**{k: row.get(k) for k in columns if k != "budget"}, "budget": budget_note or "full"})
     write_text(out / "table1.csv", csv_text.getvalue())
 
     def setting(row):
@@ -286,11 +391,13 @@ def write_table1(rows, out, budget_note):
     if budget_note:
         lines += [f"> **{budget_note}. Not the paper's protocol; do not compare magnitudes with it.**", ""]
     lines += ["Mean ± standard deviation over the seeds listed (the value alone for one seed; n where fewer seeds "
-              "have a measurement). Beside each BTVAE value, the p-value of Welch's t-test (two-sided) of its "
-              "seeds against the VAE's; "
-              f"where p < {SIGNIFICANCE} the side is marked **higher**, **lower**, **better** or **worse**. The threshold "
-              "is per comparison, not corrected for the many in this table: expect about one marked cell in twenty "
-              f"by chance where there is no difference. {detection_note(rows)}", "",
+              "have a measurement). Beside each BTVAE value, the p-value of an exact permutation test (two-sided) "
+              "of its seeds against the VAE's: of all the ways to split the two settings' values into as many "
+              "seeds as each has, the share whose difference of means is at least the observed one, doubled. It "
+              "assumes nothing about how the seeds' values are distributed. "
+              f"{TESTS_CORRECTED} {correction_note(rows)} A side whose seeds all have one value (a ceiling or a "
+              "floor, say) is not tested: its cell says so. "
+              f"{detection_note(rows)}", "",
               "## Samples: FID-64, the paper's measure", "",
               "FID-64 (lower is better) of 10,000 samples decoded from the prior N(0, I) and from a 10-component "
               f"Gaussian mixture fitted to the training images' posterior means; {PAPER_FID_NOTE}.", "",
@@ -556,17 +663,6 @@ SAMPLER_MEASURES = [("fid", "FID-64", 4, ("better", "worse")), ("fid_2048", "FID
                     ("recall_2048", "recall", 3, ("lower", "higher"))]
 
 
-def paired_p_value(a, b):
-    """Paired t-test (two-sided) of two measurements of the same models; None below two pairs."""
-    from scipy.stats import ttest_rel
-    differences = [x - y for x, y in zip(a, b)]
-    if len(differences) < 2:
-        return None
-    if statistics.variance(differences) == 0:  # every model moved by the same amount: none, or for sure
-        return 1.0 if differences[0] == 0 else 0.0
-    return float(ttest_rel(a, b).pvalue)
-
-
 def kendall_cell(pairs):
     """Kendall's tau between the two values of each pair, with its two-sided p-value; '-' below three pairs."""
     from scipy.stats import kendalltau
@@ -587,23 +683,50 @@ def write_diversity(runs, out, budget_note):
     for run in sorted(measured, key=lambda r: (setting_order(r), r["seed"])):
         groups.setdefault((run["dataset"], run["setting"]), []).append(run)
     lines = page_heading("Diversity: the two samplers, and FID-64 against FID-2048", budget_note)
+    comparisons = {}  # (dataset, setting, key): the mixture's values and the prior's, seed by seed, and the test's p
+    for (dataset, setting), group in groups.items():
+        for key, _, _, _ in SAMPLER_MEASURES:
+            prior, mixture = [r["metrics"][key] for r in group], [r["metrics"][f"{key}_gmm"] for r in group]
+            tested = len(group) >= SEEDS_FOR_A_TEST and len(set(prior + mixture)) > 1
+            comparisons[dataset, setting, key] = mixture, prior, (permutation_p_value(mixture, prior, paired=True)
+                                                                  if tested else None)
+    q = {}
+    for dataset in dict.fromkeys(d for d, _ in groups):
+        tests = [name for name, (_, _, p) in comparisons.items() if name[0] == dataset and p is not None]
+        q.update(zip(tests, q_values([comparisons[name][2] for name in tests])))
+    seed_counts = sorted({len(group) for group in groups.values() if len(group) >= SEEDS_FOR_A_TEST})
     lines += ["Only runs measured with btvae.py --fid-2048. Per setting, over its seeds: the mixture sampler's value "
-              "minus the prior's, from the same model (mean ± standard deviation), and the p-value of a paired "
-              f"t-test (two-sided) of the two; where p < {SIGNIFICANCE} the mixture is marked **better**, **worse**, "
-              "**higher** or **lower**. Precision: the share of samples within the test images' feature manifold "
-              "(realism); recall: the share of test images within the samples' (coverage).", "",
+              "minus the prior's, from the same model (mean ± standard deviation), in how many seeds it is lower "
+              "or higher, and the p-value of an exact paired permutation test (two-sided): of the 2^n ways to "
+              "swap the two values of each of the n models, the share whose mean difference is at least the "
+              "observed one, doubled. It cannot be below 2 / 2^n ("
+              + ", ".join(f"{smallest_p_value(n):.2g} with {n} seeds" for n in seed_counts) + "). The mixture is "
+              "marked **better**, **worse**, **higher** or **lower** where the verdict survives Benjamini-Hochberg's "
+              f"correction for all of a data set's tests in this table at a false discovery rate of {SIGNIFICANCE}; "
+              + "; ".join(f"{dataset}: {sum(name[0] == dataset for name in q)} tests, of which "
+                          f"{sum(name[0] == dataset and value <= SIGNIFICANCE for name, value in q.items())} survive"
+                          for dataset in dict.fromkeys(d for d, _ in groups))
+              + ". Where both samplers give one value in every seed there is no test. Precision: the share of "
+              "samples within the test images' feature manifold (realism); recall: the share of test images within "
+              "the samples' (coverage).", "",
               "| data set | lambda2 | seeds | " + " | ".join(f"{title}: mixture - prior" for _, title, _, _ in
                                                           SAMPLER_MEASURES) + " |",
               "| --- | --- | --- |" + " --- |" * len(SAMPLER_MEASURES)]
     for (dataset, setting), group in groups.items():
         cells = []
         for key, _, digits, words in SAMPLER_MEASURES:
-            prior, mixture = [r["metrics"][key] for r in group], [r["metrics"][f"{key}_gmm"] for r in group]
-            difference, spread = mean_and_spread([m - p for m, p in zip(mixture, prior)])
-            p = paired_p_value(mixture, prior)
+            mixture, prior, p = comparisons[dataset, setting, key]
+            differences = [m - p for m, p in zip(mixture, prior)]
+            difference, spread = mean_and_spread(differences)
             cell = mean_with_spread(difference, spread, digits, sign="+")
+            if len(set(prior + mixture)) == 1:
+                cell = f"both {prior[0]:.{digits}f} in every seed, no test"
+            elif difference != 0:
+                moved = sum((d < 0) if difference < 0 else (d > 0) for d in differences)
+                cell += f" ({'lower' if difference < 0 else 'higher'} in {moved} of {len(differences)})"
             if p is not None:
-                cell += f" **{words[difference > 0]}** p = {p:.2g}" if p < SIGNIFICANCE else f" p = {p:.2g}"
+                cell += f" **{words[difference > 0]}** p = {p:.2g}" if q[dataset, setting, key] <= SIGNIFICANCE \
+                    else f" p = {p:.2g}"
             cells.append(cell)
         lines.append(f"| {dataset} | {setting} | {','.join(str(r['seed']) for r in group)} | " + " | ".join(cells)
                      + " |")
@@ -671,8 +794,9 @@ def write_budgets(rows, out):
     quick_note = (quick / "BUDGET.txt").read_text().strip() if (quick / "BUDGET.txt").is_file() else "quick/"
     lines = ["# The paper's budget beside the reduced one", "",
              f"Each cell: the full budget (this folder) / the reduced one (quick/: {quick_note}). Mean ± standard "
-             "deviation over seeds, with Welch's p-value against the VAE at the same budget and the side marked "
-             f"where p < {SIGNIFICANCE}, as in table1.md; - where a budget has no finished run of the setting.", ""]
+             "deviation over seeds, with the permutation test's p-value against the VAE at the same budget and the "
+             "side marked where the verdict survives the correction of that budget's own table (table1.md, "
+             "quick/table1.md); - where a budget has no finished run of the setting.", ""]
     for dataset in dict.fromkeys(dataset for dataset, _ in [*full_rows, *quick_rows]):
         settings = sorted({lam2 for d, lam2 in [*full_rows, *quick_rows] if d == dataset}, key=lambda l: (l != 0, l))
         lines += [f"## {dataset}", "",
