@@ -32,7 +32,7 @@ SUBSET=${SUBSET:-}
 DATA_DIR=${DATA_DIR:-data}
 CACHE_DIR=${CACHE_DIR:-$DATA_DIR/btvae_cache}
 OUT=${OUT:-results}
-JOBS=${JOBS:-1}
+JOBS=${JOBS:-1}  # runs at a time; on one GPU, 2-4 (an estimate, not measured: results/README.md, "What the sweep cost")
 PYTHON=${PYTHON:-python}
 
 mkdir -p "$OUT/runs"

@@ -6,8 +6,9 @@
 Each mutant changes one line of btvae.py to something plausible but wrong. The
 script applies it to a copy of the project in a temporary folder, runs the
 tests that specify that part of the file (test_btvae.py's TestMethod or
-TestMeasurements), and reports the mutant as
-killed (a test failed) or as survived. It exits with status 1 if any survived.
+TestMeasurements, or for the harness's device handling, which only a GPU runs,
+the tests on the stand-in GPU), and reports the mutant as killed (a test
+failed) or as survived. It exits with status 1 if any survived.
 It is a developer's check, not part of the test suite or CI: it runs a test
 file once per mutant, which takes a while (README.md, "Tests", says how long).
 Add a mutant here when you add a line to the method.
@@ -166,8 +167,8 @@ METHOD = [
      'cfg.lam1, cfg.lam2, cfg.bt_on, cfg.delta)',
      'cfg.lam1, cfg.lam2 if training else 0, cfg.bt_on, cfg.delta)'),
     ('terms returned in the wrong order',
-     'return dict(zip(LOSS_TERMS, (totals / seen).tolist()))',
-     'return dict(zip(LOSS_TERMS[::-1], (totals / seen).tolist()))'),
+     'return dict(zip(LOSS_TERMS, (totals / seen).cpu().tolist()))',
+     'return dict(zip(LOSS_TERMS[::-1], (totals / seen).cpu().tolist()))'),
     ('equal loss counts as improvement',
      '        if val_loss < self.best_loss:',
      '        if val_loss <= self.best_loss:'),
@@ -298,8 +299,41 @@ MEASUREMENTS = [
      '        z = torch.randn(count, model.architecture["latent_dim"], generator=generator)'),
 ]
 
+# The harness's device handling, which only a GPU runs: against the tests on the stand-in GPU
+DEVICES = [
+    ('epoch sums read on the device',
+     '(totals / seen).cpu().tolist()',
+     '(totals / seen).tolist()'),
+    ('pixel probe on device images',
+     'to_model_range(train_split.images.cpu()).flatten(1)',
+     'to_model_range(train_split.images).flatten(1)'),
+    ('every saved GPU generator restored',
+     'checkpoint.cuda_rng[:torch.cuda.device_count()]',
+     'checkpoint.cuda_rng'),
+    ('every GPU generator restored into the first',
+     'torch.cuda.set_rng_state(state, index)',
+     'torch.cuda.set_rng_state(state, 0)'),
+    ('no GPU generator saved',
+     'cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []',
+     'cuda_rng=[]'),
+    ('bf16 by default on CUDA',
+     '    return precision == "bf16"\n',
+     '    return precision == "bf16" or device.type == "cuda"\n'),
+    ('images moved when they fill a quarter of free memory',
+     'if sum(s.images.nbytes for s in splits) < free_bytes // 4:',
+     'if sum(s.images.nbytes for s in splits) <= free_bytes // 4:'),
+    ('labels moved to the GPU',
+     'splits = [Split(s.images.to(device), s.labels) for s in splits]',
+     'splits = [Split(s.images.to(device), None if s.labels is None else s.labels.to(device)) for s in splits]'),
+    ('channels_last on MPS',
+     '    return device.type in ("cpu", "cuda")',
+     '    return True'),
+]
+DEVICE_TESTS = "gpu or cuda or mps or float32 or bf16 or old_default"
+
 MUTANTS = ([(*mutant, "test_btvae.py::TestMethod") for mutant in METHOD]
-           + [(*mutant, "test_btvae.py::TestMeasurements") for mutant in MEASUREMENTS])
+           + [(*mutant, "test_btvae.py::TestMeasurements") for mutant in MEASUREMENTS]
+           + [(*mutant, f"test_btvae.py -k {DEVICE_TESTS}") for mutant in DEVICES])
 
 
 def run(number, name, line, mutated, tests, work):
@@ -308,7 +342,8 @@ def run(number, name, line, mutated, tests, work):
         return f"NOT APPLIED ({source.count(line)} matches: update this mutant to the current line)"
     shutil.copytree(PROJECT, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*", "results", "runs", "data"))
     (work / "btvae.py").write_text(source.replace(line, mutated))
-    finished = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", tests], cwd=work,
+    tests = tests.split(" ", 2)  # a test file or class, and perhaps -k and an expression
+    finished = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=work,
                               capture_output=True, text=True)
     if finished.returncode == 0:
         return "SURVIVED"
