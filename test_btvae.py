@@ -1925,7 +1925,7 @@ def stand_in_gpu(kind="cuda", free_bytes=2**34, gpus=1):
     gpu.rng_states_set = []
 
     def set_rng_state(state, device="cuda"):
-        index = torch.device(device, 0).index if isinstance(device, str) else device
+        index = device if isinstance(device, int) else torch.device(device).index or 0
         if index >= gpus:  # as torch.cuda's default_generators[index]
             raise IndexError("list index out of range")
         gpu.rng_states_set.append((state, index))
@@ -2279,10 +2279,12 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     for seed in range(3):
         fabricate_run(runs, "mnist", 0.25, seed, worse_fid[seed])
         fabricate_run(runs, "mnist", 0.5, seed, close_fid[seed])
-    (fabricate_run(runs, "mnist", -0.00025, 0, None) / "FAILED").write_text("exit status 1: btvae.py: stopped: NaN")
+    failed = fabricate_run(runs, "mnist", -0.00025, 0, None)
+    (failed / "FAILED").write_text("exit status 1: btvae.py: stopped: NaN")
+    (failed / "config.json").unlink()  # its settings from the folder's name alone, as for a run refused on bad input
     fabricate_run(runs, "mnist", -0.00025, 1, None)  # no metrics and no FAILED: interrupted
     for seed in (2, 3):  # two finished beside them: a test of 2 seeds against the VAE's 6
-        fabricate_run(runs, "mnist", -0.00025, seed, 1.0 + seed / 10)
+        fabricate_run(runs, "mnist", -0.00025, seed, 1.0 + seed / 10, latent={"active_units": 128})
     fabricate_run(runs, "mnist", 0.0025, 0, 0.7)  # one seed: its values alone, no spread and no test
     report.make_report(tmp_path)
 
@@ -2309,6 +2311,8 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     assert rows[0.025]["fid_2048_gmm_versus_vae"].startswith("better than VAE")
     # a side whose seeds all have one value is not tested: a ceiling, the VAE's side, both sides the same
     assert rows[0.025]["active_units_versus_vae"] == "no test: 128.0 in every seed (the ceiling)"
+    # the ceiling is the latent dimension of the finished runs (a failed run's folder name does not give it)
+    assert rows[-0.00025]["active_units_versus_vae"] == "no test: 128.0 in every seed (the ceiling)"
     assert rows[0.025]["active_units_p_vs_vae"] == "" and rows[0.025]["active_units_q_vs_vae"] == ""
     assert rows[0.025]["probe_accuracy_versus_vae"] == "no test: the VAE's 0.950 in every seed"
     assert rows[0.25]["twin_correlation_versus_vae"] == "no test: 0.900 in every seed"

@@ -155,7 +155,8 @@ def summarise(runs):
         finished = [r["metrics"] for r in group if r["metrics"] is not None]
         row = {"dataset": dataset, "lam2": lam2, "model": "VAE" if lam2 == 0 else "BTVAE",
                "seeds": ",".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]) if r["metrics"]),
-               "seed_count": len(finished), "latent_dim": group[0]["latent_dim"],
+               "seed_count": len(finished),
+               "latent_dim": next((r["latent_dim"] for r in group if r["metrics"]), None),  # active units' ceiling
                "pixel_probe_accuracy": mean_and_spread([m.get("pixel_probe_accuracy") for m in finished])[0],
                "paper_fid": PAPER_TABLE1.get(lam2, {}).get(dataset),
                "failed": "; ".join(f"seed {r['seed']}: {r['failure']}" for r in group if r["failure"])}
@@ -169,7 +170,8 @@ def summarise(runs):
         row["vae_seed_count"] = vae["seed_count"] if vae else 0
         for key, _, _ in COMPARED:
             row[f"{key}_vae_mean"] = vae[f"{key}_mean"] if vae else None
-            row[f"{key}_p_vs_vae"], row[f"{key}_untested"] = compare_with_vae(row, vae, key)
+            row[f"{key}_p_vs_vae"], row[f"{key}_untested"], row[f"{key}_without_spread"] = \
+                compare_with_vae(row, vae, key)
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
         tests = [(row, key) for row in rows if row["dataset"] == dataset for key, _, _ in COMPARED
                  if row[f"{key}_p_vs_vae"] is not None]
@@ -228,20 +230,21 @@ def in_every_seed(row, key, value, digits):
 
 
 def compare_with_vae(row, vae, key):
-    """(the permutation test's p-value of this setting's seeds against the VAE's on `key`, None) or (None, why
-    there is no test). A side whose seeds all have the same value (at a metric's ceiling or floor, say) is not
-    tested: its spread says nothing of how far the other side's seeds could fall from it."""
+    """(the permutation test's p-value of this setting's seeds against the VAE's on `key`, None, None), or (None,
+    why there is no test, the side without spread if that is why: "setting" or "vae"). A side whose seeds all
+    have the same value (at a metric's ceiling or floor, say) is not tested: its spread says nothing of how
+    far the other side's seeds could fall from it."""
     if row["lam2"] == 0:
-        return None, ""
+        return None, "", None
     if vae is None or not row[f"{key}_values"] or not vae[f"{key}_values"]:
-        return None, "no comparison (missing runs)"
+        return None, "no comparison (missing runs)", None
     if min(row[f"{key}_n"], vae[f"{key}_n"]) < SEEDS_FOR_A_TEST:
-        return None, f"no comparison (needs {SEEDS_FOR_A_TEST}+ seeds each)"
+        return None, f"no comparison (needs {SEEDS_FOR_A_TEST}+ seeds each)", None
     digits = dict((k, d) for k, _, d in COMPARED)[key]
-    for side, whose in ((row, ""), (vae, "the VAE's ")):
+    for name, side, whose in (("setting", row, ""), ("vae", vae, "the VAE's ")):
         if len(set(side[f"{key}_values"])) == 1:
-            return None, f"no test: {whose}{in_every_seed(side, key, side[f'{key}_values'][0], digits)}"
-    return permutation_p_value(row[f"{key}_values"], vae[f"{key}_values"]), None
+            return None, f"no test: {whose}{in_every_seed(side, key, side[f'{key}_values'][0], digits)}", name
+    return permutation_p_value(row[f"{key}_values"], vae[f"{key}_values"]), None, None
 
 
 def survives(row, key):
@@ -338,14 +341,14 @@ def mean_cell(row, key, digits):
     where a side has one value in every seed, that value and no test."""
     if row[f"{key}_mean"] is None:
         return "-"
-    untested = row.get(f"{key}_untested") or ""
-    if untested.startswith("no test: ") and "the VAE's" not in untested:
+    without_spread = row.get(f"{key}_without_spread")
+    if without_spread == "setting":
         return in_every_seed(row, key, row[f"{key}_mean"], digits) + ", no test"
     cell = mean_with_spread(row[f"{key}_mean"], row[f"{key}_std"], digits)
     if row[f"{key}_n"] != row["seed_count"]:
         cell += f" (n = {row[f'{key}_n']})"
-    if untested.startswith("no test: "):
-        return f"{cell}, no test ({untested.removeprefix('no test: ')})"
+    if without_spread == "vae":
+        return f"{cell}, no test ({row[f'{key}_untested'].removeprefix('no test: ')})"
     p = row.get(f"{key}_p_vs_vae")
     if p is None:
         return cell
