@@ -1638,7 +1638,7 @@ def pixel_probe_accuracy(train_split, test_split, cfg):
     cache = cfg.cache_dir / (f"probe_pixels_{cfg.dataset}_{cfg.image_size}px_train{len(train_split)}_"
                              f"test{len(test_split)}_scikit-learn{library_versions()['scikit_learn']}.pt")
     accuracy = load_from_cache(cache)
-    if accuracy is None:  # made on the CPU, whose memory scikit-learn reads (and as floats, 4x the uint8 images)
+    if accuracy is None:  # on the CPU: scikit-learn reads NumPy, and as floats the pixels are 4x a GPU's uint8 copy
         accuracy = probe_accuracy(to_model_range(train_split.images.cpu()).flatten(1), train_split.labels,
                                   to_model_range(test_split.images.cpu()).flatten(1), test_split.labels)
         save_to_cache(accuracy, cache)

@@ -173,14 +173,19 @@ def summarise(runs):
             row[f"{key}_p_vs_vae"], row[f"{key}_untested"], row[f"{key}_without_spread"] = \
                 compare_with_vae(row, vae, key)
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
-        tests = [(row, key) for row in rows if row["dataset"] == dataset for key, _, _ in COMPARED
-                 if row[f"{key}_p_vs_vae"] is not None]
+        tests = table_tests(rows, dataset)
         for (row, key), q in zip(tests, q_values([row[f"{key}_p_vs_vae"] for row, key in tests])):
             row[f"{key}_q_vs_vae"] = q
     for row in rows:
         for key, _, _ in COMPARED:
             row[f"{key}_versus_vae"] = verdict(row, key)
     return rows
+
+
+def table_tests(rows, dataset):
+    """The (row, metric) pairs of a data set that were tested against the VAE: the family the correction takes."""
+    return [(row, key) for row in rows if row["dataset"] == dataset for key, _, _ in COMPARED
+            if row[f"{key}_p_vs_vae"] is not None]
 
 
 def difference_of_means(a, b, axis):
@@ -211,6 +216,13 @@ def smallest_p_value(seeds, other_seeds=None):
     pairs (other_seeds None)."""
     relabellings = 2 ** seeds if other_seeds is None else math.comb(seeds + other_seeds, seeds)
     return min(1.0, 2 / relabellings)
+
+
+def survivors_note(dataset, p_and_q_values):
+    """'mnist: 54 tests, of which 41 survive (those with p <= 0.036)': a legend's account of a correction."""
+    kept = [p for p, q in p_and_q_values if q <= SIGNIFICANCE]
+    return (f"{dataset}: {len(p_and_q_values)} tests, of which {len(kept)} survive"
+            + (f" (those with p <= {max(kept):.2g})" if kept else ""))
 
 
 def q_values(p_values):
@@ -280,7 +292,7 @@ def detectable_difference(seeds, vae_seeds, draws=4_000, relabellings=1_000):
     DETECTION_POWER, from `seeds` runs against the VAE's `vae_seeds`, before any correction; None where its
     smallest p-value is not below SIGNIFICANCE. Counted over `draws` simulated sweeps, the same draws for every
     difference tried (a fixed seed: the tables stay the same); beyond `relabellings` ways to relabel the seeds,
-    the test of each draw takes that many at random, which finds as often and keeps the count quick."""
+    the test of each draw takes that many at random, which keeps the count quick (it finds about as often)."""
     from scipy.optimize import brentq
     if smallest_p_value(seeds, vae_seeds) >= SIGNIFICANCE:
         return None
@@ -321,14 +333,9 @@ TESTS_CORRECTED = (f"The side is marked **higher**, **lower**, **better** or **w
 
 def correction_note(rows):
     """Per data set: how many tests the correction took together, and how many verdicts survive it (at what p)."""
-    notes = []
-    for dataset in dict.fromkeys(row["dataset"] for row in rows):
-        tests = [(row, key) for row in rows if row["dataset"] == dataset for key, _, _ in COMPARED
-                 if row[f"{key}_p_vs_vae"] is not None]
-        kept = [row[f"{key}_p_vs_vae"] for row, key in tests if survives(row, key)]
-        notes.append(f"{dataset}: {len(tests)} tests, of which {len(kept)} survive"
-                     + (f" (those with p <= {max(kept):.2g})" if kept else ""))
-    return "; ".join(notes) + "."
+    return "; ".join(survivors_note(dataset, [(row[f"{key}_p_vs_vae"], row[f"{key}_q_vs_vae"])
+                                              for row, key in table_tests(rows, dataset)])
+                     for dataset in dict.fromkeys(row["dataset"] for row in rows)) + "."
 
 
 def number(value, digits=4):
@@ -706,8 +713,8 @@ def write_diversity(runs, out, budget_note):
               + ", ".join(f"{smallest_p_value(n):.2g} with {n} seeds" for n in seed_counts) + "). The mixture is "
               "marked **better**, **worse**, **higher** or **lower** where the verdict survives Benjamini-Hochberg's "
               f"correction for all of a data set's tests in this table at a false discovery rate of {SIGNIFICANCE}; "
-              + "; ".join(f"{dataset}: {sum(name[0] == dataset for name in q)} tests, of which "
-                          f"{sum(name[0] == dataset and value <= SIGNIFICANCE for name, value in q.items())} survive"
+              + "; ".join(survivors_note(dataset, [(comparisons[name][2], value) for name, value in q.items()
+                                                   if name[0] == dataset])
                           for dataset in dict.fromkeys(d for d, _ in groups))
               + ". Where both samplers give one value in every seed there is no test. Precision: the share of "
               "samples within the test images' feature manifold (realism); recall: the share of test images within "
@@ -719,7 +726,7 @@ def write_diversity(runs, out, budget_note):
         cells = []
         for key, _, digits, words in SAMPLER_MEASURES:
             mixture, prior, p = comparisons[dataset, setting, key]
-            differences = [m - p for m, p in zip(mixture, prior)]
+            differences = [after - before for after, before in zip(mixture, prior)]
             difference, spread = mean_and_spread(differences)
             cell = mean_with_spread(difference, spread, digits, sign="+")
             if len(set(prior + mixture)) == 1:
