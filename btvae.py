@@ -820,7 +820,8 @@ def precision_recall(real, fake, neighbours=PRECISION_RECALL_NEIGHBOURS):
 # prior, mostly their blur. So every run also measures the latent space itself,
 # on the test split, with the model in evaluation mode:
 #
-#   active_units        how many dimensions carry information about the image
+#   active_units        how many dimensions carry information about the image, at three
+#                       thresholds of their variance, and the participation ratio, which needs none
 #   latent_correlation  how redundant the dimensions are (the off-diagonal term's target)
 #   twin_correlation    how well the twins agree (the diagonal term's target)
 #   probe_accuracy      how much of the label a linear classifier can read off
@@ -830,6 +831,7 @@ def precision_recall(real, fake, neighbours=PRECISION_RECALL_NEIGHBOURS):
 
 ENCODE_BATCH = 500  # images per encoder pass when measuring; any size gives the same numbers in eval mode
 ACTIVE_UNIT_VARIANCE = 0.01  # Burda et al.'s threshold
+STRICTER_THRESHOLDS = (0.05, 0.1)  # a count at one threshold can mislead: BTVAE lifts unused dimensions just above 0.01
 MIXTURE_COMPONENTS = 10  # with full covariances, the mixture of Ghosh et al.
 PROBE_MAX_ITERATIONS = 1000  # lbfgs converges in ~100-200 on MNIST; the default 100 stops short
 
@@ -855,18 +857,36 @@ def encode_split(model, images, device, bt_on=None):
     return torch.cat(means), [tuple(torch.cat(side) for side in zip(*pair)) for pair in zip(*pairs)]
 
 
-def active_units(mu):
-    """Dimensions whose posterior mean varies across images by more than 0.01 (Burda et al. 2016, Sec. 5.2).
+def active_units(mu_variance, threshold=ACTIVE_UNIT_VARIANCE):
+    """Dimensions whose posterior mean varies across images (variance over the test images, mu_variance) by
+    more than the threshold, 0.01 by default (Burda et al. 2016, Sec. 5.2).
 
     A dimension whose mean is the same for every image tells the decoder
     nothing about the image: the KL term has pulled it onto the prior. A VAE
     keeps only as many as it needs. The Barlow Twins term standardises every
-    feature and asks each to agree with its twin, which lifts every
-    dimension's variance over this threshold; it is a threshold, though: how
-    the variance spreads over the dimensions is in latent.pt (the results
-    page reads it).
+    feature and asks each to agree with its twin, which can lift a dimension's
+    variance just over a threshold without making it carry much: hence the
+    stricter thresholds, and the participation ratio, which needs none.
     """
-    return int((mu.var(dim=0) > ACTIVE_UNIT_VARIANCE).sum())
+    return int((mu_variance > threshold).sum())
+
+
+def participation_ratio(mu_variance):
+    """(sum_d v_d)^2 / sum_d v_d^2 of the variances v_d: an effective number of dimensions, with no threshold.
+
+    D when the variance is spread equally over D dimensions, 1 when one
+    dimension holds it all; a dimension with a hundredth of the others'
+    variance adds a hundredth of one (Gao et al. 2017, "A theory of
+    multineuronal dimensionality").
+    """
+    return float(mu_variance.sum() ** 2 / mu_variance.pow(2).sum())
+
+
+def unit_activity(mu_variance):
+    """metrics.json's active units at each threshold, and the participation ratio."""
+    return {"active_units": active_units(mu_variance),
+            **{f"active_units_{t:g}": active_units(mu_variance, t) for t in STRICTER_THRESHOLDS},
+            "participation_ratio": participation_ratio(mu_variance)}
 
 
 def latent_correlation(mu):
@@ -941,7 +961,7 @@ def measure_latent_space(model, train_split, test_split, bt_on, device):
     """The latent metrics of metrics.json, and what the report's figures need (latent.pt)."""
     train_mu = encode_split(model, train_split.images, device)
     test_mu, pairs = encode_split(model, test_split.images, device, bt_on)
-    metrics = {"active_units": active_units(test_mu), "latent_correlation": latent_correlation(test_mu),
+    metrics = {**unit_activity(test_mu.var(dim=0)), "latent_correlation": latent_correlation(test_mu),
                "twin_correlation": twin_correlation(pairs),
                "probe_accuracy": probe_accuracy(train_mu, train_split.labels, test_mu, test_split.labels)}
     figures = {"mu_variance": test_mu.var(dim=0), "mu_correlation": cross_correlation(test_mu, test_mu)}
@@ -1489,13 +1509,21 @@ def train_and_record(model, train_split, val_split, cfg, device, checkpoint=None
         watch = Watch(stop)
         training = train(model, train_split.images, val_split.images, cfg, device, training,
                          epoch_recorder(cfg, model, history, watch, started, log), watch)
+    best = history[training.stopper.best_epoch - 1]
     return {"best_val_loss": training.stopper.best_loss,
             "best_epoch": training.stopper.best_epoch,
+            **rate_and_distortion(best),
             "epochs_trained": len(history),
             "stopped_early": training.stopped_early,
             "train_seconds": history[-1]["elapsed_seconds"],
             "images_per_second": sum(row["train_images"] for row in history) / sum(row["train_loop_seconds"]
                                                                                   for row in history)}
+
+
+def rate_and_distortion(best):
+    """The kept epoch's validation KL (the rate, in nats: what beta, here lambda1, trades) and reconstruction
+    error (the MSE of a reconstruction from one sampled z): a run's place in the rate-distortion plane."""
+    return {"rate": best["val_kl"], "reconstruction_error": best["val_recon"]}
 
 
 def evaluate(model, train_split, test_split, cfg, device):
@@ -1518,7 +1546,9 @@ def evaluate(model, train_split, test_split, cfg, device):
     metrics.update(latent, latent_seconds=time.perf_counter() - start)
     save_atomically(figures, cfg.out / "latent.pt")
     metrics["pixel_probe_accuracy"] = pixel_probe_accuracy(train_split, test_split, cfg)
-    print(f"latent space: {latent['active_units']} of {train_mu.shape[1]} units active, latent correlation "
+    print(f"latent space: {latent['active_units']} of {train_mu.shape[1]} units active "
+          f"({latent['active_units_0.05']} above 0.05, {latent['active_units_0.1']} above 0.1; participation ratio "
+          f"{latent['participation_ratio']:.1f}), latent correlation "
           f"{shown(latent['latent_correlation'])}, twin correlation {shown(latent['twin_correlation'])}, "
           f"probe accuracy {shown(latent['probe_accuracy'])} (on pixels {shown(metrics['pixel_probe_accuracy'])}) "
           f"({metrics['latent_seconds']:.0f} s)", flush=True)

@@ -188,7 +188,8 @@ def scripted_epochs(monkeypatch, val_losses):
             with torch.no_grad():
                 model.to_mu.bias.add_(1)
             return {name: 1.0 for name in btvae.LOSS_TERMS}
-        return {**{name: 0.0 for name in btvae.LOSS_TERMS}, "loss": next(val_losses)}
+        loss = next(val_losses)  # its KL and reconstruction error: recognisably the epoch's
+        return {**{name: 0.0 for name in btvae.LOSS_TERMS}, "loss": loss, "kl": 10 * loss, "recon": loss / 10}
     monkeypatch.setattr(btvae, "run_epoch", scripted_epoch)
     model = btvae.ConvVAE(1, 16, (8, 16), latent_dim=4)
     with torch.no_grad():
@@ -897,7 +898,17 @@ class TestMeasurements:
         base = (base - base.mean()) / base.std()  # sample variance exactly 1
         variances = torch.tensor([0.0, 0.0099, 0.0101, 1.0, 25.0])
         mu = base * variances.sqrt() + torch.arange(5.0) * 10  # offsets do not count, only variation across images
-        assert btvae.active_units(mu) == 3
+        assert btvae.active_units(mu.var(dim=0)) == 3
+
+    def test_unit_activity_counts_above_each_threshold_and_the_participation_ratio_by_hand(self):
+        variances = torch.tensor([0.0, 0.0099, 0.01, 0.0101, 0.0499, 0.05, 0.0501, 0.0999, 0.1, 0.1001, 4.0])
+        activity = btvae.unit_activity(variances)  # a variance at a threshold is not above it
+        assert (activity["active_units"], activity["active_units_0.05"], activity["active_units_0.1"]) == (8, 5, 2)
+        by_hand = sum(variances.tolist()) ** 2 / sum(v * v for v in variances.tolist())
+        assert activity["participation_ratio"] == pytest.approx(by_hand, rel=1e-6)
+        assert btvae.participation_ratio(torch.full((7,), 0.3)) == pytest.approx(7)  # equal spread: D
+        assert btvae.participation_ratio(torch.tensor([2.0, 0, 0])) == pytest.approx(1)  # one holds it all
+        assert btvae.participation_ratio(torch.tensor([3.0, 1.0])) == pytest.approx(1.6)  # 16 / 10
 
     def test_an_encoder_whose_mean_uses_k_of_d_dimensions_has_k_active_units(self):
         model, x = small_model_and_batch()
@@ -906,7 +917,7 @@ class TestMeasurements:
             model.to_mu.weight[k:] = 0  # dimensions k.. ignore the image: their mean is the bias for every image
             model.to_mu.weight[:k] *= 100  # the first k vary well above the threshold
         images = btvae.to_uint8(torch.rand(64, 1, 16, 16))
-        assert btvae.active_units(btvae.encode_split(model, images, torch.device("cpu"))) == k
+        assert btvae.active_units(btvae.encode_split(model, images, torch.device("cpu")).var(dim=0)) == k
 
     def test_latent_correlation_is_near_zero_for_independent_and_near_one_for_duplicated_features(self):
         torch.manual_seed(12)
@@ -1010,7 +1021,8 @@ class TestMeasurements:
         metrics, figures, train_mu = btvae.measure_latent_space(model, train, test, "mu", torch.device("cpu"))
         test_mu = btvae.encode_split(model, test.images, torch.device("cpu"))
         assert torch.equal(train_mu, btvae.encode_split(model, train.images, torch.device("cpu")))
-        assert metrics["active_units"] == btvae.active_units(test_mu) > btvae.active_units(train_mu) == 0
+        assert metrics["active_units"] == btvae.active_units(test_mu.var(dim=0)) > btvae.active_units(train_mu.var(dim=0)) == 0
+        assert {k: metrics[k] for k in btvae.unit_activity(test_mu.var(dim=0))} == btvae.unit_activity(test_mu.var(dim=0))
         assert metrics["latent_correlation"] == btvae.latent_correlation(test_mu)
         assert metrics["probe_accuracy"] == btvae.probe_accuracy(train_mu, train.labels, test_mu, test.labels)
         assert -1 <= metrics["twin_correlation"] <= 1
@@ -1048,13 +1060,14 @@ EXPECTED_OUTPUTS = MEASURED_OUTPUTS | {"history.csv", "model.pt", "checkpoint.pt
 
 
 MEASUREMENTS = {"fid", "fid_2048", "precision_2048", "recall_2048", "fid_seconds", "fid_samples", "active_units",
+                "active_units_0.05", "active_units_0.1", "participation_ratio",
                 "latent_correlation", "twin_correlation", "probe_accuracy", "pixel_probe_accuracy", "latent_seconds",
                 "mixture_fit_seconds", "fid_gmm", "fid_2048_gmm", "precision_2048_gmm", "recall_2048_gmm",
                 "fid_gmm_seconds"}
 
 
 TRAINING_SUMMARY = {"best_val_loss", "best_epoch", "epochs_trained", "stopped_early", "train_seconds",
-                    "images_per_second"}
+                    "images_per_second", "rate", "reconstruction_error"}
 
 
 EXPECTED_METRICS = MEASUREMENTS | TRAINING_SUMMARY
@@ -1215,6 +1228,7 @@ def test_each_epochs_records_are_written_as_it_ends(tmp_path, monkeypatch):
     summary = btvae.train_and_record(model, split, split, cfg, torch.device("cpu"), log=lambda _: None)
     assert summary["epochs_trained"] == 6 and summary["stopped_early"]
     assert summary["best_epoch"] == 3 and summary["best_val_loss"] == 3.0
+    assert summary["rate"] == 30.0 and summary["reconstruction_error"] == 0.3  # the kept epoch's, not the last's
     assert torch.all(btvae.load_model(tmp_path / "model.pt").to_mu.bias == 3)
     assert len((tmp_path / "history.csv").read_text().splitlines()) == 1 + 6
     assert len(btvae.read_checkpoint(tmp_path / "checkpoint.pt", cfg).history) == 6
@@ -2219,7 +2233,7 @@ def fabricate_run(runs_dir, dataset, lam2, seed, fid, latent_dim=128, data_dir="
         return folder
     measured = {"fid": fid, "fid_gmm": fid / 2, "fid_2048": 100 * fid, "fid_2048_gmm": 50 * fid,
                 "precision_2048": 0.5 + seed / 100, "recall_2048": 0.4, "precision_2048_gmm": 0.6, "recall_2048_gmm": 0.3,
-                "active_units": 10,
+                "active_units": 10, "active_units_0.1": 10, "rate": 20.0 + 100 * lam2 + seed / 10,
                 "latent_correlation": 0.2, "twin_correlation": 0.9, "probe_accuracy": 0.95, "pixel_probe_accuracy": 0.9,
                 **(latent or {})}
     (folder / "metrics.json").write_text(json.dumps({**measured, "epochs_trained": epochs, "stopped_early": False}))
@@ -2295,11 +2309,16 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     for lam2, fid in ((0.025, good_fid), (0.25, worse_fid), (0.5, close_fid)):
         assert float(rows[lam2]["fid_p_vs_vae"]) == pytest.approx(permutation_p_value(fid, vae_fid))
     assert float(rows[0.025]["fid_p_vs_vae"]) == pytest.approx(2 / math.comb(12, 6))  # every seed apart: the least
-    # Benjamini-Hochberg over all the table's tests together
-    tests = [(lam2, key) for lam2, row in rows.items() for key, _, _ in report.COMPARED if row[f"{key}_p_vs_vae"]]
-    p_values = [float(rows[lam2][f"{key}_p_vs_vae"]) for lam2, key in tests]
-    for (lam2, key), q in zip(tests, benjamini_hochberg(p_values)):
-        assert float(rows[lam2][f"{key}_q_vs_vae"]) == pytest.approx(q)
+    # Benjamini-Hochberg over each family's tests together: the claims, and where the models sit
+    families = {family: [(lam2, key) for lam2, row in rows.items() for key in keys if row[f"{key}_p_vs_vae"]]
+                for family, keys in report.FAMILIES.items()}
+    p_values = {family: [float(rows[lam2][f"{key}_p_vs_vae"]) for lam2, key in tests] for family, tests in families.items()}
+    for family, tests in families.items():
+        for (lam2, key), q in zip(tests, benjamini_hochberg(p_values[family])):
+            assert float(rows[lam2][f"{key}_q_vs_vae"]) == pytest.approx(q)
+    assert "active_units" in report.FAMILIES["placement"] and "fid" in report.FAMILIES["claims"]
+    assert set(report.FAMILIES["placement"]) | set(report.FAMILIES["claims"]) == {key for key, _, _ in report.COMPARED}
+    tests = families["claims"] + families["placement"]
     p_good, q_good = float(rows[0.025]["fid_p_vs_vae"]), float(rows[0.025]["fid_q_vs_vae"])
     assert rows[0.025]["fid_versus_vae"] == f"better than VAE (p = {p_good:.2g}, q = {q_good:.2g})" and q_good <= 0.05
     p_worse, q_worse = float(rows[0.25]["fid_p_vs_vae"]), float(rows[0.25]["fid_q_vs_vae"])
@@ -2328,7 +2347,9 @@ def test_report_summarises_seeds_and_compares_with_the_vae(tmp_path):
     titles["active_correlation"] = "among active units"
     for lam2, key in tests:  # the side in bold exactly where the verdict survives the correction
         assert ("**" in cells[lam2, titles[key]]) == (float(rows[lam2][f"{key}_q_vs_vae"]) <= 0.05)
-    assert f"mnist: {len(tests)} tests, of which {sum(q <= 0.05 for q in benjamini_hochberg(p_values))} survive" in table
+    for family, tests in families.items():
+        survivors = sum(q <= 0.05 for q in benjamini_hochberg(p_values[family]))
+        assert f"mnist, {family}: {len(tests)} tests, of which {survivors} survive" in table
     assert "eval.py (waymao/PyTorch-VAE, last changed in commit 9be0949)" in table
     assert "| mnist | BTVAE | 0.0025 | 0 | 0.7000 | 0.3500 | 7.0 | 0.1984 |" in table
     assert rows[0.0025]["fid_std"] == "" and rows[0.0025]["fid_versus_vae"] == "no comparison (needs 2+ seeds each)"
