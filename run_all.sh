@@ -6,9 +6,12 @@
 #   DATASETS=mnist QUICK=1 ./run_all.sh   # MNIST's column on a 2-core CPU in under an hour (reduced budget),
 #                                         # into results/quick
 #   REPORT_ONLY=1 ./run_all.sh            # remake the tables and figures from finished runs, no training
+#   PLAN=1 ./run_all.sh                   # print each run's btvae.py command, one a line (for a cluster: README)
+#   BASELINES=1 ./run_all.sh              # the rate-matched baselines of results/README.md, "Is it more than a weaker KL?"
 #
 # Knobs (environment variables, paper settings by default): DATASETS, SEEDS, LAMBDAS, EPOCHS, FID_SAMPLES,
-# FID_2048, FID_WEIGHTS, SUBSET, DATA_DIR, CACHE_DIR, OUT, JOBS, QUICK, PYTHON. FID_2048=1 (the default) adds
+# FID_2048, FID_WEIGHTS, SUBSET, DATA_DIR, CACHE_DIR, OUT, JOBS, QUICK, PYTHON; with BASELINES=1, BETA_LAM1S and
+# MATCHED_LAM1. FID_2048=1 (the default) adds
 # btvae.py's --fid-2048: FID, precision and recall in the 2048-d Inception features, for the diversity question. A run whose metrics.json exists is
 # skipped and one interrupted part-way is resumed from its last checkpoint, so an interrupted sweep continues
 # where it stopped; a failed run leaves FAILED (with the reason) in its folder, the sweep goes on, and the
@@ -35,18 +38,6 @@ OUT=${OUT:-results}
 JOBS=${JOBS:-1}  # runs at a time; on one GPU, 2-4 (an estimate, not measured: results/README.md, "What the sweep cost")
 PYTHON=${PYTHON:-python}
 
-mkdir -p "$OUT/runs"
-budget=""
-[ -n "$SUBSET" ] && budget="$budget subset of $SUBSET training images,"
-[ "$EPOCHS" != 50 ] && budget="$budget at most $EPOCHS epochs,"
-[ "$FID_SAMPLES" != 10000 ] && budget="$budget FID on $FID_SAMPLES samples,"
-if [ -n "$budget" ]; then
-  echo "REDUCED BUDGET${QUICK:+ (QUICK=$QUICK)}:${budget%,} (the paper: all images, up to 50 epochs, 10,000 FID samples)" > "$OUT/BUDGET.txt"
-  echo "*** $(cat "$OUT/BUDGET.txt") ***"
-else
-  rm -f "$OUT/BUDGET.txt"
-fi
-
 # One line per run: its folder name, then its btvae.py flags.
 plan() {
   if [ "${BASELINES:-0}" = 1 ]; then baselines_plan; return; fi
@@ -64,64 +55,56 @@ plan() {
   esac
 }
 
-# BASELINES=1: is the Barlow Twins term more than a weaker KL term? (results/README.md, "Is it more than a weaker
-# KL?"). MNIST at the paper's budget, in the order that answers the main question first: beta-VAEs (lambda2 = 0,
-# smaller lambda1) seed 0 of each level and BTVAE(0.025) seeds 3 and 4; then seeds 1-2 of every level and, with
-# MATCHED_LAM1 set to the level whose rate is nearest BTVAE(0.025)'s, its seeds 3-4; then the authors' variant.
-BETA_LAM1S=${BETA_LAM1S:-"7.9e-05 2.5e-05 7.9e-06"}
+# BASELINES=1: is the Barlow Twins term more than a weaker KL term? MNIST at the paper's budget, in the order of
+# the design written before its runs (results/README.md): beta-VAEs (lambda2 = 0, smaller lambda1; 1.4e-04, halfway
+# in log lambda1 between the VAE and 7.9e-05, added by the design's rule) seed 0 of each level and BTVAE(0.025)
+# seeds 3 and 4; seeds 1-2 of every level and, with MATCHED_LAM1 set to the level whose rate is nearest
+# BTVAE(0.025)'s, its seeds 3-4; the authors' variant, 5 seeds; free bits, 3 seeds.
+BETA_LAM1S=${BETA_LAM1S:-"7.9e-05 2.5e-05 7.9e-06 1.4e-04"}
 baselines_plan() {
-  local common="--dataset mnist --fid-samples $FID_SAMPLES"
+  local common="--dataset mnist --fid-samples $FID_SAMPLES" lam1 seed
   for lam1 in $BETA_LAM1S; do echo "mnist_lam2=0_lam1=${lam1}_seed0 $common --lam2 0 --lam1 $lam1 --seed 0"; done
   for seed in 3 4; do echo "mnist_lam2=0.025_seed$seed $common --lam2 0.025 --seed $seed"; done
-  for seed in 1 2; do
-    for lam1 in $BETA_LAM1S; do echo "mnist_lam2=0_lam1=${lam1}_seed$seed $common --lam2 0 --lam1 $lam1 --seed $seed"; done
-  done
-  for seed in ${MATCHED_LAM1:+3 4}; do
-    echo "mnist_lam2=0_lam1=${MATCHED_LAM1}_seed$seed $common --lam2 0 --lam1 $MATCHED_LAM1 --seed $seed"
+  for seed in 1 2 ${MATCHED_LAM1:+3 4}; do
+    for lam1 in $BETA_LAM1S; do
+      [ "$seed" -le 2 ] || [ "$lam1" = "$MATCHED_LAM1" ] || continue
+      echo "mnist_lam2=0_lam1=${lam1}_seed$seed $common --lam2 0 --lam1 $lam1 --seed $seed"
+    done
   done
   for seed in 0 1 2 3 4; do
     echo "mnist_lam2=0.025_bt-on=mu+logvar_seed$seed $common --lam2 0.025 --bt-on mu+logvar --seed $seed"
   done
+  for seed in 0 1 2; do echo "mnist_lam2=0_free-bits=0.05_seed$seed $common --lam2 0 --free-bits 0.05 --seed $seed"; done
 }
 
-# Is another btvae.py running in this folder? btvae.py holds the operating system's lock (flock) on its --out
-# for its whole life; this asks for it without waiting. (Windows has no flock: never busy there.)
-folder_busy() {
-  "$PYTHON" - "$1" 2>/dev/null <<'PY'
-import os, sys
-try:
-    import fcntl
-    fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
-except BlockingIOError:
-    sys.exit(0)
-except Exception:
-    pass
-sys.exit(1)
-PY
-}
-
-# Runs one planned line; never fails the sweep: a failure is written to FAILED in the run's folder. A folder
-# that another run holds (a second sweep into the same OUT) is left to it, untouched; if that run takes it in the
-# moment after the check, btvae.py is refused (exit status 75) and the folder keeps only that line in its log.
-run_one() {
+# A planned line's btvae.py command: its flags and the sweep's, with --resume where the run has begun (a finished
+# run's --resume says so and does nothing), so that the same command starts, continues or skips it.
+command_of() {
   local name=$1; shift
+  local dir="$OUT/runs/$name" command=("$PYTHON" btvae.py "$@" --epochs "$EPOCHS" --data-dir "$DATA_DIR")
+  command+=(--cache-dir "$CACHE_DIR" --out "$dir")
+  [ -f "$dir/checkpoint.pt" ] || [ -f "$dir/metrics.json" ] && command+=(--resume)
+  [ -n "$SUBSET" ] && command+=(--subset "$SUBSET")
+  [ -n "$FID_WEIGHTS" ] && command+=(--fid-weights "$FID_WEIGHTS")
+  [ "$FID_2048" = 1 ] && command+=(--fid-2048)
+  printf '%q ' "${command[@]}"
+}
+
+# Runs one planned line; never fails the sweep: a failure is written to FAILED in the run's folder. A folder that
+# another run holds (a second sweep into the same OUT) is left to it: btvae.py refuses it with one line, which the
+# log keeps, and no FAILED.
+run_one() {
+  local name=$1
   local dir="$OUT/runs/$name"
   [ -f "$dir/metrics.json" ] && { echo "done already: $name"; return 0; }
   mkdir -p "$dir"
-  folder_busy "$dir" && { echo "busy: $name: another run holds its folder; left to it"; return 0; }
   rm -f "$dir/FAILED"
-  local extra=(--epochs "$EPOCHS" --data-dir "$DATA_DIR" --cache-dir "$CACHE_DIR" --out "$dir")
-  # interrupted part-way: continue from its last epoch; the log keeps every attempt, appended
-  [ -f "$dir/checkpoint.pt" ] && extra+=(--resume)
-  [ -n "$SUBSET" ] && extra+=(--subset "$SUBSET")
-  [ -n "$FID_WEIGHTS" ] && extra+=(--fid-weights "$FID_WEIGHTS")
-  [ "$FID_2048" = 1 ] && extra+=(--fid-2048)
   echo "start: $name"
   local start=$SECONDS status=0
-  "$PYTHON" btvae.py "$@" "${extra[@]}" >> "$dir/log.txt" 2>&1 || status=$?
+  eval "$(command_of "$@")" >> "$dir/log.txt" 2>&1 || status=$?
   if [ "$status" = 0 ]; then
     echo "finished: $name ($((SECONDS - start)) s)"
-  elif [ "$status" = 75 ]; then  # btvae.py's "folder in use": another run took it after the check above
+  elif tail -n 1 "$dir/log.txt" | grep -q "is in use by another run"; then
     echo "busy: $name: another run holds its folder; left to it"
   else
     echo "exit status $status: $(grep -v '^\s*$' "$dir/log.txt" | tail -n 1)" > "$dir/FAILED"
@@ -139,11 +122,28 @@ stop_sweep() {
   exit "$2"
 }
 
+if [ "${PLAN:-0}" = 1 ]; then
+  plan | while read -r line; do eval "command_of $line"; echo; done
+  exit 0
+fi
+
+mkdir -p "$OUT/runs"
+budget=""
+[ -n "$SUBSET" ] && budget="$budget subset of $SUBSET training images,"
+[ "$EPOCHS" != 50 ] && budget="$budget at most $EPOCHS epochs,"
+[ "$FID_SAMPLES" != 10000 ] && budget="$budget FID on $FID_SAMPLES samples,"
+if [ -n "$budget" ]; then
+  echo "REDUCED BUDGET${QUICK:+ (QUICK=$QUICK)}:${budget%,} (the paper: all images, up to 50 epochs, 10,000 FID samples)" > "$OUT/BUDGET.txt"
+  echo "*** $(cat "$OUT/BUDGET.txt") ***"
+else
+  rm -f "$OUT/BUDGET.txt"
+fi
+
 if [ "${REPORT_ONLY:-0}" != 1 ]; then
   # Runs are independent: JOBS of them at a time share the cores (each gets cores / JOBS threads).
   threads=$(( $(nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
   export OUT EPOCHS DATA_DIR CACHE_DIR SUBSET FID_WEIGHTS FID_2048 PYTHON OMP_NUM_THREADS=$threads
-  export -f run_one folder_busy
+  export -f run_one command_of
   started=$SECONDS
   # The runs get a process group of their own (job control: set -m), so that a stop reaches every one of them:
   # Ctrl-C, or SIGTERM to this script alone (kill, a job scheduler), is passed on to the whole group, and each

@@ -10,9 +10,8 @@ compares, so the ratios hold even on a shared, noisy machine.
 - "plain": the eager float32 step anyone would write first: contiguous (NCHW)
   tensors, torch.optim.Adam's default implementation, the C library's default
   memory allocator.
-- "project": what btvae.py does by default (prepare_for_speed): channels_last,
-  fused Adam, freed memory kept in the process (keep_freed_memory), in float32
-  (--precision's default on every device).
+- "project": what btvae.py does (prepare_for_speed and Training.start):
+  channels_last, fused Adam, and on Linux freed memory kept in the process.
 
 The allocator setting is process-wide and cannot be undone, so each
 configuration runs in a process of its own (`--measure plain|project`), and
@@ -58,8 +57,8 @@ def training_setup(channels, size, lam2, project, device):
     cfg = make_config(lam2)
     model = btvae.ConvVAE(channels, size, cfg.hidden_dims, cfg.latent_dim).to(device)
     if project:
-        btvae.prepare_for_speed(model, [], device, btvae.use_bf16(cfg.precision, device))
-        optimiser = btvae.make_optimiser(model, cfg, device)
+        btvae.prepare_for_speed(model, [], device)
+        optimiser = btvae.Training.start(model, cfg).optimiser
     else:
         optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     return model, optimiser, cfg
@@ -68,7 +67,7 @@ def training_setup(channels, size, lam2, project, device):
 def images_per_second(setup, images, device):
     model, optimiser, cfg = setup
     start = time.perf_counter()
-    btvae.run_epoch(model, images, cfg, device, optimiser, torch.Generator().manual_seed(0))
+    btvae.run_epoch(model, images, cfg, optimiser, torch.Generator().manual_seed(0))
     seen = len(images) - len(images) % cfg.batch_size  # full batches only
     return seen / (time.perf_counter() - start)
 
@@ -98,7 +97,7 @@ def data_share(channels, size, dataset_size, step_images_per_second, device):
     batches = btvae.batch_indices(dataset_size, 64, torch.Generator().manual_seed(0), images.device)[:200]
     start = time.perf_counter()
     for index in batches:
-        btvae.load_batch(images, index, device)
+        btvae.to_model_range(images[index].to(device))
     data_seconds_per_image = (time.perf_counter() - start) / (64 * len(batches))
     return data_seconds_per_image / (data_seconds_per_image + 1 / step_images_per_second)
 
@@ -114,8 +113,8 @@ def bench_fid(kind, data_dir, weights, count, model_path, device):
     _, _, test = btvae.load_data(cfg)
     real = test.images[:count]
     torch.manual_seed(0)  # without --model, the same untrained weights in both processes
-    model = btvae.load_model(model_path, device) if model_path else btvae.ConvVAE(1, 32).to(device).eval()
-    fake = torch.cat([btvae.generate(model, 100, torch.Generator().manual_seed(0), device)
+    model = btvae.load_model(model_path, device)[0] if model_path else btvae.ConvVAE(1, 32).to(device).eval()
+    fake = torch.cat([btvae.generate(model, 100, torch.Generator().manual_seed(0))
                       for _ in range(0, count, 100)])[:count]  # the same images in both processes
 
     if kind == "plain":
@@ -128,8 +127,7 @@ def bench_fid(kind, data_dir, weights, count, model_path, device):
             metric.update(btvae.to_fid_input(fake[i:i + 100]), real=False)
         return float(metric.compute().cpu()), time.perf_counter() - start
 
-    if device.type == "cpu":
-        btvae.keep_freed_memory()  # as after training in a real run (prepare_for_speed)
+    btvae.prepare_for_speed(model, [], device)  # as a run's measurements follow its training
     try:
         batches = iter(fake.split(btvae.FID_BATCH))  # untimed: fills the cache of test features, as a first run does
         btvae.fid_measurer(test, cfg, device)(lambda n: next(batches), "")
@@ -181,7 +179,7 @@ def main():
         return measure(args, device)
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-          f"device {device}; project precision: {make_config(0).precision}")
+          f"device {device}")
     print(f"training: images/s over {args.steps}-step epochs of btvae.run_epoch (batch 64), "
           f"best of {args.repeats} epochs x {args.rounds} processes\n")
     rounds = [{kind: measure_in_subprocess(kind, args, "training") for kind in ("plain", "project")}
