@@ -63,7 +63,8 @@ TABLE2_QUESTION = (
     "more diverse group 1 and the other 2. If you think the two groups are equally diverse, rank both 1.5.")
 
 
-RUN_NAME = re.compile(r"^(?P<dataset>[a-z0-9]+)_lam2=(?P<lam2>[^_]+)_seed(?P<seed>\d+)$")  # run_all.sh's names
+RUN_NAME = re.compile(r"^(?P<dataset>[a-z0-9]+)_lam2=(?P<lam2>[^_]+)(?P<variant>_.+)?_seed(?P<seed>\d+)$")  # run_all.sh's
+PAPER_SETTINGS = {"lam1": 0.00025, "bt_on": "mu", "free_bits": 0.0}  # a run with other values is a baseline's
 
 
 def read_runs(runs_dir):
@@ -81,8 +82,12 @@ def read_runs(runs_dir):
         else:
             continue
         lam2 = float(config["lam2"])
-        run = {"folder": folder, "dataset": config["dataset"], "lam2": lam2, "setting": f"{lam2:g}",
-               "seed": int(config["seed"]), "latent_dim": config["latent_dim"], "metrics": None, "failure": None}
+        others = {k: config.get(k, default) for k, default in PAPER_SETTINGS.items()}  # those it predates: the defaults
+        variant = ", ".join(f"{k} = {v:g}" if k != "bt_on" else f"--bt-on {v}" for k, v in others.items()
+                            if v != PAPER_SETTINGS[k]) or (config.get("variant") or "").strip("_")  # a failed run: its name
+        run = {"folder": folder, "dataset": config["dataset"], "lam2": lam2, "setting": f"{lam2:g}", "variant": variant,
+               **others, "seed": int(config["seed"]), "latent_dim": config["latent_dim"], "metrics": None,
+               "failure": None}
         if (folder / "metrics.json").is_file():
             run["metrics"] = json.loads((folder / "metrics.json").read_text())
             run["metrics"]["active_correlation"] = active_correlation(folder)
@@ -844,11 +849,169 @@ def write_budgets(rows, out):
     return path
 
 
+# "Is it more than a weaker KL?" (results/README.md): the rate-matched baselines, by the rule written before their runs
+MATCH_TOLERANCE = 0.10  # a level within 10% of BTVAE(0.025)'s rate is matched; else one more level is added (run_all.sh)
+PRIMARY = [("probe_accuracy", "probe accuracy", 3, +0.003), ("fid_2048_gmm", "FID-2048 (mixture)", 2, -3.0),
+           ("recall_2048", "recall (prior)", 3, +0.03), ("reconstruction_error", "reconstruction error", 5, None)]
+RECONSTRUCTION_ALLOWANCE = 1.10  # BTVAE's reconstruction error at most 10% above the matched beta-VAE's
+DOSE_METRICS = [("fid", "FID-64 (prior)"), ("fid_2048_gmm", "FID-2048 (mixture)"), ("recall_2048", "recall (prior)"),
+                ("probe_accuracy", "probe accuracy"), ("participation_ratio", "participation ratio"), ("rate", "rate")]
+
+
+def spearman_permutation(x, y, resamples=20_000):
+    """Spearman's rank correlation of x and y, and the two-sided p-value of a permutation test of it: y's values
+    in every order against x's where there are at most `resamples` orders, else that many, drawn with a fixed seed."""
+    from scipy.stats import permutation_test, spearmanr
+    result = permutation_test((y,), lambda b: spearmanr(x, b).statistic, permutation_type="pairings",
+                              n_resamples=resamples, random_state=0)
+    return float(result.statistic), float(result.pvalue)
+
+
+def baseline_groups(runs):
+    """MNIST's finished full-budget runs of the experiment, by arm: (name, lambda1, runs)."""
+    finished = [r for r in runs if r["metrics"] and r["dataset"] == "mnist" and not r["folder"].name.startswith("figure3_")]
+    arms = {}
+    for run in finished:
+        if run["lam2"] == 0 and run["bt_on"] == "mu" and run["free_bits"] == 0:
+            name = "VAE" if run["lam1"] == PAPER_SETTINGS["lam1"] else f"beta-VAE, lambda1 = {run['lam1']:g}"
+        elif run["lam2"] == 0.025 and run["lam1"] == PAPER_SETTINGS["lam1"] and run["free_bits"] == 0:
+            name = "BTVAE(0.025)" if run["bt_on"] == "mu" else f"BTVAE(0.025), --bt-on {run['bt_on']}"
+        elif run["lam2"] == 0 and run["free_bits"] and run["lam1"] == PAPER_SETTINGS["lam1"]:
+            name = f"free bits {run['free_bits']:g}"
+        else:
+            continue
+        arms.setdefault(name, []).append(run)
+    return {name: sorted(group, key=lambda r: r["seed"]) for name, group in arms.items()}
+
+
+def matched_level(arms):
+    """The beta-VAE level (lambda1 below the VAE's) whose seed 0's rate is nearest BTVAE(0.025)'s mean over its
+    seeds 0-2, and whether it is within MATCH_TOLERANCE; None before both are measured."""
+    btvae_rates = [r["metrics"]["rate"] for r in arms.get("BTVAE(0.025)", []) if r["seed"] <= 2]
+    levels = {name: next((r["metrics"]["rate"] for r in group if r["seed"] == 0), None)
+              for name, group in arms.items() if name.startswith("beta-VAE")}
+    levels = {name: rate for name, rate in levels.items() if rate is not None}
+    if not btvae_rates or not levels:
+        return None, None, False
+    target = statistics.fmean(btvae_rates)
+    name = min(levels, key=lambda n: abs(levels[n] - target))
+    return name, target, abs(levels[name] - target) <= MATCH_TOLERANCE * target
+
+
+def write_baselines(runs, out, budget_note):
+    """baselines.md and rate_distortion_mnist.png: the experiment's arms, the primary family's tests and the
+    decision rule's verdict, the dose-response readings. Nothing before its runs (or at a reduced budget)."""
+    arms = baseline_groups(runs)
+    if budget_note or not any(name.startswith(("beta-VAE", "free bits")) or "--bt-on" in name for name in arms):
+        return []
+    values = {name: {key: [r["metrics"].get(key) for r in group] for key in
+                     ("rate", "reconstruction_error", "participation_ratio", "active_units_0.1", "probe_accuracy",
+                      "fid_2048_gmm", "recall_2048", "twin_correlation", "twin_correlation_mu")} for name, group in arms.items()}
+    cell = lambda name, key, digits: mean_with_spread(*mean_and_spread([v for v in values[name][key] if v is not None]),  # noqa: E731
+                                                      digits) if any(v is not None for v in values[name][key]) else "-"
+    order = sorted(arms, key=lambda n: (not n.startswith(("VAE", "beta")), -(arms[n][0]["lam1"]), n))
+    lines = [*page_heading("Is it more than a weaker KL? Rate-matched baselines on MNIST", ""),
+             "Every run of the experiment (results/README.md, \"Is it more than a weaker KL?\", where the design and the "
+             "decision rule were written before its runs), at the paper's budget; mean ± sd over the seeds listed. Rate: "
+             "the kept epoch's validation KL (nats); beta: 512 x lambda1 / 0.010, the VAE's reconstruction error.", "",
+             "| arm | lambda1 | beta | seeds | rate | reconstruction error | participation ratio | active units > 0.1 "
+             "| probe accuracy | FID-2048 (mixture) | recall (prior) | twin correlation (mu pair) |",
+             "| --- |" + " --- |" * 11]
+    for name in order:
+        lam1 = arms[name][0]["lam1"]
+        lines.append(f"| {name} | {lam1:g} | {512 * lam1 / 0.010:.1f} | {','.join(str(r['seed']) for r in arms[name])} | "
+                     + " | ".join(cell(name, key, digits) for key, digits in (
+                         ("rate", 1), ("reconstruction_error", 5), ("participation_ratio", 1), ("active_units_0.1", 1),
+                         ("probe_accuracy", 3), ("fid_2048_gmm", 2), ("recall_2048", 3), ("twin_correlation_mu", 3))) + " |")
+    matched, target, within = matched_level(arms)
+    lines += ["", "## The rate-matched level", ""]
+    lines.append("Not yet: it needs BTVAE(0.025)'s seeds 0-2 and a beta-VAE level's seed 0." if matched is None else
+                 f"BTVAE(0.025)'s mean rate over seeds 0-2 is {target:.1f} nats; the nearest beta-VAE level by its seed 0 "
+                 f"is {matched} ({arms[matched][0]['metrics']['rate']:.1f} nats), "
+                 + ("within 10%: it is matched." if within else "not within 10%: by the rule, the level halfway in log "
+                    "lambda1 between the two that bracket it is added (run_all.sh's BETA_LAM1S), and the nearest taken."))
+    tests = []  # the primary family: (comparison, metric, p), corrected together
+    pairs = [("BTVAE(0.025)", matched)] if matched and within else []
+    pairs += [(name, "BTVAE(0.025)") for name in arms if name.startswith("BTVAE(0.025), --bt-on")]
+    for a, b in pairs:
+        for key, title, digits, margin in PRIMARY:
+            x, y = [v for v in values[a][key] if v is not None], [v for v in values[b][key] if v is not None]
+            if min(len(x), len(y)) >= SEEDS_FOR_A_TEST and len(set(x + y)) > 1:
+                tests.append((a, b, key, title, digits, margin, x, y, permutation_p_value(x, y)))
+    lines += ["", "## The primary family", "",
+              "Each comparison by the exact permutation test, the family corrected by Benjamini-Hochberg at a false "
+              "discovery rate of 5% (5 seeds against 5 allow p down to 0.0079).", "",
+              "| comparison | metric | first | second | difference | p | q |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    q = q_values([t[-1] for t in tests])
+    for (a, b, key, title, digits, margin, x, y, p), q_value in zip(tests, q):
+        lines.append(f"| {a} against {b} | {title} | {statistics.fmean(x):.{digits}f} (n = {len(x)}) | "
+                     f"{statistics.fmean(y):.{digits}f} (n = {len(y)}) | {statistics.fmean(x) - statistics.fmean(y):+.{digits}f} "
+                     f"| {p:.2g} | {q_value:.2g} |")
+    lines += ["", "## The decision", ""]
+    for a, b in pairs:
+        differences = {key: (statistics.fmean(x) - statistics.fmean(y), margin, q_value) for
+                       (ta, tb, key, _, _, margin, x, y, _), q_value in zip(tests, q) if (ta, tb) == (a, b) and margin}
+        found = [key for key, (difference, margin, q_value) in differences.items() if q_value <= SIGNIFICANCE
+                 and (difference >= margin if margin > 0 else difference <= margin)]  # FID: lower is better
+        recon = (statistics.fmean(v for v in values[a]["reconstruction_error"] if v is not None)
+                 / statistics.fmean(v for v in values[b]["reconstruction_error"] if v is not None))
+        more = bool(found) and recon <= RECONSTRUCTION_ALLOWANCE
+        lines.append(f"- {a} against {b}: " + (
+            f"better beyond its margin on {', '.join(found)}, with a reconstruction error {recon:.2f}x: by the rule, "
+            "the Barlow Twins term adds something beyond a weaker KL term." if more and b != "BTVAE(0.025)" else
+            f"better beyond its margin on {', '.join(found)}, reconstruction error {recon:.2f}x." if more else
+            f"better beyond no margin with the verdict surviving the correction (reconstruction error {recon:.2f}x): "
+            + ("by the rule, its effect is matched (or beaten) by a weaker KL term." if b != "BTVAE(0.025)" else
+               "the authors' variant is not found better than BTVAE(0.025).")))
+    if not pairs:
+        lines.append("Not yet: the matched level needs its seeds.")
+    lines += ["", "## Dose-response (reported, not deciding)", "",
+              "Spearman's rank correlation between the setting and the metric over every run and seed, with a "
+              "permutation test: over lambda2 for the VAE and BTVAE (0 to 0.25, the negative ablation apart), and over "
+              "lambda1 for the VAE and the beta-VAEs.", "",
+              "| metric | over lambda2: rho | p | over lambda1: rho | p |", "| --- | --- | --- | --- | --- |"]
+    paper = [r for r in runs if r["metrics"] and r["dataset"] == "mnist" and not r["variant"] and r["lam2"] >= 0
+             and not r["folder"].name.startswith("figure3_")]
+    beta = [r for name in arms if name == "VAE" or name.startswith("beta-VAE") for r in arms[name]]
+    for key, title in DOSE_METRICS:
+        cells = []
+        for group, setting in ((paper, "lam2"), (beta, "lam1")):
+            kept = [(r[setting], r["metrics"][key]) for r in group if r["metrics"].get(key) is not None]
+            rho, p = spearman_permutation(*zip(*kept)) if min(len({x for x, _ in kept}), len({y for _, y in kept})) > 1 \
+                else (None, None)  # a setting or a metric that never varies: no test
+            cells += [number(rho, 2), number(p, 2) if p is None or p >= 0.001 else f"{p:.1e}"]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    write_text(out / "baselines.md", "\n".join(lines) + "\n")
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7, 5))
+    colour_of = [r["metrics"].get("fid_2048_gmm") for name in arms for r in arms[name]]
+    scale = dict(vmin=min(c for c in colour_of if c is not None), vmax=max(c for c in colour_of if c is not None)) \
+        if any(c is not None for c in colour_of) else {}
+    mean = lambda name, key: statistics.fmean(v for v in values[name][key] if v is not None)  # noqa: E731
+    means = sorted((mean(n, "rate"), mean(n, "reconstruction_error")) for n in arms if n == "VAE" or n.startswith("beta-VAE")
+                   if any(v is not None for v in values[n]["reconstruction_error"]))
+    axis.plot(*zip(*means), color="grey", lw=1, label="beta-VAE (the VAE included): level means")
+    for name in arms:
+        marker = "o" if name == "VAE" or name.startswith("beta") else "s" if name == "BTVAE(0.025)" else "^"
+        shown = [(x, y, c) for x, y, c in zip(*(values[name][k] for k in ("rate", "reconstruction_error", "fid_2048_gmm")))
+                 if x is not None and y is not None]
+        if shown:
+            points = axis.scatter([x for x, _, _ in shown], [y for _, y, _ in shown], marker=marker, cmap="viridis",
+                                  c=[float("nan") if c is None else c for _, _, c in shown], label=name, **scale)
+    figure.colorbar(points, label="FID-2048 (mixture)")
+    axis.set(xlabel="rate: validation KL of the kept epoch (nats)", ylabel="reconstruction error (validation MSE)",
+             title="MNIST: every run in the rate-distortion plane")
+    axis.legend(fontsize=7)
+    save_figure(figure, out / "rate_distortion_mnist.png")
+    return [out / "baselines.md", out / "rate_distortion_mnist.png"]
+
+
 def make_report(out):
     out = Path(out)
     budget_file = out / "BUDGET.txt"  # run_all.sh writes it when QUICK=1 (or any reduced budget) was used
     budget_note = budget_file.read_text().strip() if budget_file.is_file() else ""
-    runs = read_runs(out / "runs")
+    every_run = read_runs(out / "runs")
+    runs = [run for run in every_run if not run["variant"]]  # the paper's settings; the baselines have a page of their own
     rows = summarise(runs)
     write_table1(rows, out, budget_note)
     made = [out / "table1.md", out / "table1.csv"]
@@ -856,7 +1019,8 @@ def make_report(out):
         made += [write_figure2(runs, rows, dataset, out, budget_note), write_table2(runs, rows, dataset, out, budget_note),
                  write_latent_figure(runs, rows, dataset, out, budget_note)]
     made += [write_figure3(runs, out, budget_note), write_early_stopping(runs, out, budget_note),
-             write_cost(runs, out, budget_note), write_diversity(runs, out, budget_note)]
+             write_cost(every_run, out, budget_note), write_diversity(runs, out, budget_note),
+             *write_baselines(every_run, out, budget_note)]
     if not budget_note:
         made.append(write_budgets(rows, out))
     return [path for path in made if path is not None]

@@ -98,13 +98,15 @@ def test_every_relative_link_of_the_documentation_resolves(page):
             assert anchor in github_anchors(linked.read_text()), f"{page}: {target} names no heading of {file or page}"
 
 def fabricate_run(runs_dir, dataset, lam2, seed, fid, latent_dim=128, data_dir="data", epochs=7, prefix="",
-                  latent=None, val_bt=None):
+                  latent=None, val_bt=None, lam1=0.00025, variant=None):
     """A finished run's small files, as btvae.py writes them; `latent` overrides latent metrics, `val_bt` gives
-    the validation BT term of each epoch (the training one is 1)."""
-    folder = runs_dir / f"{prefix}{dataset}_lam2={lam2:g}_seed{seed}"
+    the validation BT term of each epoch (the training one is 1), `variant` other settings (bt_on, free_bits)."""
+    name = "".join(f"_{k.replace('_', '-')}={v}" for k, v in {"lam1": f"{lam1:g}", **(variant or {})}.items()
+                   if not (k == "lam1" and lam1 == 0.00025))
+    folder = runs_dir / f"{prefix}{dataset}_lam2={lam2:g}{name}_seed{seed}"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({
-        "dataset": dataset, "lam2": lam2, "lam1": 0.1, "seed": seed, "latent_dim": latent_dim,
+        "dataset": dataset, "lam2": lam2, "lam1": lam1, "seed": seed, "latent_dim": latent_dim, **(variant or {}),
         "data_dir": str(data_dir), "cache_dir": str(Path(data_dir) / "btvae_cache"), "image_size": 32}))
     if fid is None:
         return folder
@@ -123,7 +125,7 @@ def fabricate_run(runs_dir, dataset, lam2, seed, fid, latent_dim=128, data_dir="
     torch.save(figures, folder / "latent.pt")
     val_bt = val_bt or [1.0] * epochs
     rows = [{"epoch": e + 1, "train_loss": 1.0, "train_recon": 0.5, "train_kl": 1.0, "train_bt": 1.0,
-             "val_loss": 0.6 - 0.01 * e + 0.1 + lam2 * val_bt[e], "val_recon": 0.6 - 0.01 * e, "val_kl": 1.0,
+             "val_loss": 0.6 - 0.01 * e + lam1 * 400 + lam2 * val_bt[e], "val_recon": 0.6 - 0.01 * e, "val_kl": 400.0,
              "val_bt": val_bt[e]} for e in range(epochs)]
     with open(folder / "history.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
@@ -546,3 +548,42 @@ with test_btvae.stand_in_gpu():
     assert not list(runs.glob("*/FAILED")) and len(list(runs.glob("*/metrics.json"))) == 3  # with Figure 3's two
     assert json.loads((runs / "mnist_lam2=0.025_seed0" / "config.json").read_text())["device"] == "cuda"
     assert "| mnist | BTVAE | 0.025 | 0 |" in (tmp_path / "results" / "table1.md").read_text()
+
+def test_the_dose_response_test_is_spearmans_rho_and_an_exact_permutation_test_of_it():
+    x, y = [1, 2, 3, 4, 5, 6], [2.0, 1.0, 4.0, 3.0, 6.0, 5.0]
+
+    def rho(a, b):  # Spearman's rho written out: 1 - 6 sum d^2 / (n (n^2 - 1)), no ties here
+        rank = lambda v: [sorted(v).index(value) + 1 for value in v]  # noqa: E731
+        return 1 - 6 * sum((p - q) ** 2 for p, q in zip(rank(a), rank(b))) / (len(a) * (len(a) ** 2 - 1))
+    observed, shuffled = rho(x, y), [rho(x, list(order)) for order in itertools.permutations(y)]
+    at_least, at_most = (sum(r >= observed - 1e-12 for r in shuffled) / 720, sum(r <= observed + 1e-12 for r in shuffled) / 720)
+    assert report.spearman_permutation(x, y) == (pytest.approx(observed), pytest.approx(min(1, 2 * min(at_least, at_most))))
+
+
+def test_report_keeps_the_baselines_out_of_table1_and_answers_the_question_by_the_rule_written_first(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(5):
+        fabricate_run(runs, "mnist", 0.0, seed, 1.0, latent={"rate": 19.7, "reconstruction_error": 0.0100})
+        fabricate_run(runs, "mnist", 0.025, seed, 2.0, latent={  # the probe better by 0.010, all else worse
+            "rate": 24.0 + seed / 10, "reconstruction_error": 0.0105, "probe_accuracy": 0.990 + seed / 1000,
+            "recall_2048": 0.01 + seed / 1000})
+        fabricate_run(runs, "mnist", 0.0, seed, 1.0, lam1=1.4e-4, latent={
+            "rate": 24.5 - seed / 10, "reconstruction_error": 0.0100, "probe_accuracy": 0.980 + seed / 1000})
+        fabricate_run(runs, "mnist", 0.025, seed, 2.0, variant={"bt_on": "mu+logvar"}, latent={
+            "rate": 30.0, "reconstruction_error": 0.0105 + seed / 10000, "probe_accuracy": 0.990 - seed / 1000})
+    fabricate_run(runs, "mnist", 0.0, 0, 1.0, lam1=7.9e-5, latent={"rate": 33.0})  # a level further from 24.2
+    report.make_report(tmp_path)
+    table = (tmp_path / "table1.md").read_text()
+    assert "| mnist | VAE | 0 | 0,1,2,3,4 |" in table and "| mnist | BTVAE | 0.025 | 0,1,2,3,4 |" in table  # not pooled
+    page = (tmp_path / "baselines.md").read_text()
+    assert "the nearest beta-VAE level by its seed 0 is beta-VAE, lambda1 = 0.00014 (24.5 nats), within 10%" in page
+    probe_p = permutation_p_value([0.990 + s / 1000 for s in range(5)], [0.980 + s / 1000 for s in range(5)])
+    rows = [line.split(" | ") for line in page.splitlines() if line.startswith("| BTVAE") and " against " in line]
+    p_values = [float(row[-2]) for row in rows]
+    assert len(rows) == 4 + 3 and float(rows[0][-2]) == pytest.approx(probe_p, abs=5e-5)  # 2 significant digits
+    assert [float(row[-1].strip(" |")) for row in rows] == pytest.approx(benjamini_hochberg(p_values), abs=0.006)
+    assert ("- BTVAE(0.025) against beta-VAE, lambda1 = 0.00014: better beyond its margin on probe_accuracy, with a "
+            "reconstruction error 1.05x: by the rule, the Barlow Twins term adds something beyond a weaker KL term.") in page
+    assert "- BTVAE(0.025), --bt-on mu+logvar against BTVAE(0.025): better beyond its margin on recall_2048, " in page
+    assert "| FID-2048 (mixture) | 1.00 | 0.01 | - | - |" in page  # over lambda1 the same in every run: no test
+    assert (tmp_path / "rate_distortion_mnist.png").is_file()
