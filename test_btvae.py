@@ -382,8 +382,7 @@ class TestMethod:
         assert training.epoch == 0 and training.best_loss == math.inf and not training.finished
 
     def test_early_stopping_stops_after_patience_epochs_and_restores_the_best_weights(self, monkeypatch):
-        # best at epoch 3; 3 epochs without improvement after (an equal loss is no improvement)
-        model = scripted_epochs(monkeypatch, [5.0, 4.0, 3.0, 3.5, 3.0, 3.2, 2.0])
+        model = scripted_epochs(monkeypatch, [5.0, 4.0, 3.0, 3.5, 3.0, 3.2, 2.0])  # best at 3; an equal loss is no better
         training = btvae.train(model, NO_IMAGES, NO_IMAGES, config("--patience", 3))
         assert training.epoch == 6 and training.finished and training.stopped_early
         assert training.best_epoch == 3 and training.best_loss == 3.0 and torch.all(model.to_mu.bias == 3)
@@ -615,6 +614,7 @@ class TestExperiments:
         features = (torch.randn(10, 8) * 5)[labels] + torch.randn(2000, 8)
         train, test = slice(0, 1500), slice(1500, 2000)
         assert btvae.probe_accuracy(features[train], labels[train], features[test], labels[test]) > 0.98
+        assert btvae.probe_accuracy(features[train] / 1e4, labels[train], features[test] / 1e4, labels[test]) > 0.98  # 0.82 unscaled
         shuffled = labels[torch.randperm(2000)]
         assert btvae.probe_accuracy(features[train], shuffled[train], features[test], shuffled[test]) < 0.2
         renamed = (labels + 1) % 10  # fitted on the training images, not the test ones
