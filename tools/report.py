@@ -904,6 +904,8 @@ def write_baselines(runs, out, budget_note):
     arms = baseline_groups(runs)
     if budget_note or not any(name.startswith(("beta-VAE", "free bits")) or "--bt-on" in name for name in arms):
         return []
+    for run in (r for group in arms.values() for r in group if r["bt_on"] == "mu"):  # runs before btvae.py wrote it:
+        run["metrics"].setdefault("twin_correlation_mu", run["metrics"]["twin_correlation"])  # one pair, mu's
     values = {name: {key: [r["metrics"].get(key) for r in group] for key in
                      ("rate", "reconstruction_error", "participation_ratio", "active_units_0.1", "probe_accuracy",
                       "fid_2048_gmm", "recall_2048", "twin_correlation", "twin_correlation_mu")} for name, group in arms.items()}
@@ -968,18 +970,19 @@ def write_baselines(runs, out, budget_note):
     lines += ["", "## Dose-response (reported, not deciding)", "",
               "Spearman's rank correlation between the setting and the metric over every run and seed, with a "
               "permutation test: over lambda2 for the VAE and BTVAE (0 to 0.25, the negative ablation apart), and over "
-              "lambda1 for the VAE and the beta-VAEs.", "",
-              "| metric | over lambda2: rho | p | over lambda1: rho | p |", "| --- | --- | --- | --- | --- |"]
+              "the rate for the VAE and the beta-VAEs, as the rule has it.", "",
+              "| metric | over lambda2: rho | p | over the beta-VAEs' rate: rho | p |", "| --- | --- | --- | --- | --- |"]
     paper = [r for r in runs if r["metrics"] and r["dataset"] == "mnist" and not r["variant"] and r["lam2"] >= 0
              and not r["folder"].name.startswith("figure3_")]
     beta = [r for name in arms if name == "VAE" or name.startswith("beta-VAE") for r in arms[name]]
     for key, title in DOSE_METRICS:
         cells = []
-        for group, setting in ((paper, "lam2"), (beta, "lam1")):
-            kept = [(r[setting], r["metrics"][key]) for r in group if r["metrics"].get(key) is not None]
+        for group, setting in ((paper, "lam2"), (beta, "rate")):  # a run's setting, or one of its metrics
+            x = lambda r: r[setting] if setting in r else r["metrics"].get(setting)  # noqa: E731
+            kept = [] if key == setting else [(x(r), r["metrics"][key]) for r in group if None not in (x(r), r["metrics"].get(key))]
             rho, p = spearman_permutation(*zip(*kept)) if min(len({x for x, _ in kept}), len({y for _, y in kept})) > 1 \
                 else (None, None)  # a setting or a metric that never varies: no test
-            cells += [number(rho, 2), number(p, 2) if p is None or p >= 0.001 else f"{p:.1e}"]
+            cells += [number(rho, 2), "-" if p is None else f"{p:.2g}"]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     write_text(out / "baselines.md", "\n".join(lines) + "\n")
     plt = pyplot()

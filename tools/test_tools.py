@@ -8,6 +8,7 @@ import csv, itertools, json, math, os, re, shutil, signal, statistics, subproces
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 import pytest
 import torch
 import torchvision
@@ -585,5 +586,10 @@ def test_report_keeps_the_baselines_out_of_table1_and_answers_the_question_by_th
     assert ("- BTVAE(0.025) against beta-VAE, lambda1 = 0.00014: better beyond its margin on probe_accuracy, with a "
             "reconstruction error 1.05x: by the rule, the Barlow Twins term adds something beyond a weaker KL term.") in page
     assert "- BTVAE(0.025), --bt-on mu+logvar against BTVAE(0.025): better beyond its margin on recall_2048, " in page
-    assert "| FID-2048 (mixture) | 1.00 | 0.01 | - | - |" in page  # over lambda1 the same in every run: no test
+    twins = [line.rsplit(" | ", 1)[-1] for line in page.splitlines() if line.startswith(("| VAE |", "| BTVAE(0.025) |", "| BTVAE(0.025), --bt-on mu+logvar |"))]
+    assert twins == ["0.900 ± 0.000 |", "0.900 ± 0.000 |", "- |"]  # without twin_correlation_mu: mu's pair is the only one
+    assert "| FID-2048 (mixture) | 1.00 | 0.0086 | - | - |" in page  # the beta-VAEs' the same in every run: no test
+    rates, probes = [19.7] * 5 + [24.5 - s / 10 for s in range(5)] + [33.0], [0.95] * 5 + [0.980 + s / 1000 for s in range(5)] + [0.95]
+    assert f"| probe accuracy | 0.93 | 0.0086 | {scipy.stats.spearmanr(rates, probes).statistic:.2f} | " in page  # over the rate
+    assert "| rate | 0.93 | 0.0086 | - | - |" in page  # not the rate over itself
     assert (tmp_path / "rate_distortion_mnist.png").is_file()
