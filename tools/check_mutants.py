@@ -111,6 +111,7 @@ METHOD = [
 
 EXPERIMENTS = [  # each constant moved up and down, each preprocessing step dropped (issue 38)
     ('validation 4,000 images', 'VALIDATION_IMAGES = 5000', 'VALIDATION_IMAGES = 4000'),
+    ('validation 6,000 images', 'VALIDATION_IMAGES = 5000', 'VALIDATION_IMAGES = 6000'),
     ('validation a fifth', 'min(VALIDATION_IMAGES, len(training_set) // 10)', 'min(VALIDATION_IMAGES, len(training_set) // 5)'),
     ('validation a twentieth', 'min(VALIDATION_IMAGES, len(training_set) // 10)', 'min(VALIDATION_IMAGES, len(training_set) // 20)'),
     ('holdout seed 1', 'HOLDOUT_SEED = 0', 'HOLDOUT_SEED = 1'),
@@ -155,6 +156,8 @@ EXPERIMENTS = [  # each constant moved up and down, each preprocessing step drop
     ('threshold 0.005', 'ACTIVE_UNIT_VARIANCE = 0.01', 'ACTIVE_UNIT_VARIANCE = 0.005'),
     ('threshold 0.02', 'ACTIVE_UNIT_VARIANCE = 0.01', 'ACTIVE_UNIT_VARIANCE = 0.02'),
     ('stricter threshold 0.05 moved down', 'STRICTER_THRESHOLDS = (0.05, 0.1)', 'STRICTER_THRESHOLDS = (0.04, 0.1)'),
+    ('stricter threshold 0.05 moved up', 'STRICTER_THRESHOLDS = (0.05, 0.1)', 'STRICTER_THRESHOLDS = (0.06, 0.1)'),
+    ('stricter threshold 0.1 moved down', 'STRICTER_THRESHOLDS = (0.05, 0.1)', 'STRICTER_THRESHOLDS = (0.05, 0.09)'),
     ('stricter threshold 0.1 moved up', 'STRICTER_THRESHOLDS = (0.05, 0.1)', 'STRICTER_THRESHOLDS = (0.05, 0.2)'),
     ('participation ratio unsquared', 'return float(mu_variance.sum() ** 2 / mu_variance.pow(2).sum())',
      'return float(mu_variance.sum() / mu_variance.pow(2).sum())'),
