@@ -107,18 +107,22 @@ def reparameterise(mu, logvar):
 # Names in the code: lambda1 is lam1, lambda2 is lam2 (the flags --lam1, --lam2), delta is delta; the twins are z_gt
 # and z_recon; C is what cross_correlation returns.
 
-def kl_to_standard_normal(mu, logvar):
-    """KL(N(mu, sigma^2) || N(0, I)) in closed form: 1/2 sum_d (sigma_d^2 + mu_d^2 - 1 - log sigma_d^2).
+def kl_per_dimension(mu, logvar):
+    """KL(N(mu_d, sigma_d^2) || N(0, 1)) = 1/2 (sigma_d^2 + mu_d^2 - 1 - log sigma_d^2), per image and dimension d.
     Eq. 2 writes the KL as an expectation over q(z|x); for two Gaussians it has this exact value, so no sample of z is
-    needed for it (Kingma & Welling 2014, Appendix B), with less variance than a Monte Carlo estimate. Summed over the
-    latent dimensions (it is one KL of a D-dimensional Gaussian), averaged over the batch: the rate, in nats."""
-    return 0.5 * (logvar.exp() + mu.pow(2) - 1 - logvar).sum(dim=1).mean()
+    needed for it (Kingma & Welling 2014, Appendix B), with less variance than a Monte Carlo estimate."""
+    return 0.5 * (logvar.exp() + mu.pow(2) - 1 - logvar)
+
+def kl_to_standard_normal(mu, logvar):
+    """KL(q(z|x) || N(0, I)): summed over the latent dimensions (it is one KL of a D-dimensional Gaussian), averaged
+    over the batch. The rate, in nats."""
+    return kl_per_dimension(mu, logvar).sum(dim=1).mean()
 
 def kl_with_free_bits(mu, logvar, free_bits):
     """sum_d max(free_bits, KL_d), with KL_d dimension d's KL averaged over the batch (Kingma et al. 2016).
     Not the paper's: a baseline (--free-bits). Below the floor a dimension's KL costs nothing, so nothing pushes it
     onto the prior: a VAE that keeps more dimensions in use without Barlow Twins."""
-    return (0.5 * (logvar.exp() + mu.pow(2) - 1 - logvar).mean(dim=0)).clamp(min=free_bits).sum()
+    return kl_per_dimension(mu, logvar).mean(dim=0).clamp(min=free_bits).sum()
 
 def vae_loss(x, x_recon, mu, logvar, lam1, free_bits=0.0):
     """Eq. 2: MSE(x, x_recon) + lambda1 KL(q(z|x) || N(0, I)); returns it, the MSE and the KL.
