@@ -4,7 +4,7 @@ and the documentation's links and reading map. They use test_btvae.py's fabricat
     python -m pytest tools/test_tools.py
 """
 
-import csv, itertools, json, math, os, re, shutil, signal, statistics, subprocess, sys, time  # noqa: E401
+import csv, itertools, json, math, os, re, shlex, shutil, signal, statistics, subprocess, sys, time  # noqa: E401
 from pathlib import Path
 
 import numpy as np
@@ -437,6 +437,28 @@ def python_that(tmp_path, name, *shell_lines):
                       + f'exec "{sys.executable}" "$@"\n')
     script.chmod(0o755)
     return str(script)
+
+def test_plan_prints_every_runs_command_in_the_designs_order_with_resume_where_it_began(tmp_path):
+    for name, begun in (("mnist_lam2=0.025_seed3", "checkpoint.pt"), ("mnist_lam2=0_lam1=7.9e-05_seed0", "metrics.json")):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / begun).write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("DATASETS", "SEEDS", "LAMBDAS", "BASELINES", "MATCHED_LAM1")}
+    plan = lambda **knobs: subprocess.run(["bash", str(HERE / "run_all.sh")], capture_output=True, text=True, check=True,  # noqa: E731
+                                          env={**env, "PLAN": "1", "PYTHON": "py", "OUT": str(tmp_path), **knobs}).stdout
+    runs = lambda text: [re.search(r"--out \S+/runs/(\S+)", line)[1] for line in text.splitlines()]  # noqa: E731
+    table1 = runs(plan())
+    assert len(table1) == 3 * 6 * 3 + 2 and table1[0] == "mnist_lam2=0_seed0" and table1[-1] == "figure3_mnist_latent2_lam2=0.025_seed0"
+    lines = plan(BASELINES="1", MATCHED_LAM1="1.4e-04").splitlines()
+    assert runs("\n".join(lines)) == [
+        *(f"mnist_lam2=0_lam1={lam1}_seed0" for lam1 in ("7.9e-05", "2.5e-05", "7.9e-06", "1.4e-04")),
+        "mnist_lam2=0.025_seed3", "mnist_lam2=0.025_seed4", *(f"mnist_lam2=0_lam1=1.4e-04_seed{s}" for s in (1, 2, 3, 4)),
+        *(f"mnist_lam2=0_lam1={lam1}_seed{s}" for s in (1, 2) for lam1 in ("7.9e-05", "2.5e-05", "7.9e-06")),
+        *(f"mnist_lam2=0.025_bt-on=mu+logvar_seed{s}" for s in range(5)), *(f"mnist_lam2=0_free-bits=0.05_seed{s}" for s in range(3))]
+    assert [line.endswith("--resume") or " --resume " in line for line in lines[:6]] == [True, False, False, False, True, False]
+    config = btvae.parse_config(shlex.split(lines[-1])[2:])  # each line is a btvae.py command as it parses
+    assert (config.lam2, config.free_bits, config.seed, config.epochs, config.fid_samples) == (0, 0.05, 2, 50, 10000)
+    assert len(runs(plan(BASELINES="1"))) == 22  # without the matched level: seeds 1-2 of every level
+
 
 def run_sweep(tmp_path, **knobs):
     env = {**os.environ, "PYTHON": sys.executable, "DATA_DIR": str(tmp_path / "data"), "OUT": str(tmp_path / "results"),
