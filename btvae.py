@@ -723,7 +723,7 @@ def build_parser():
     add("--fid-2048", action="store_true", help="also FID, precision, recall in the 2048-d layer (FID takes ~2.7x as long)")
     add("--fid-weights", type=Path, help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: download)")
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, else mps, else cpu")
-    add("--out", type=Path, help="output folder (default: runs/<dataset>_lam2=<lambda2>_seed<seed>)")
+    add("--out", type=Path, help="default: runs/<dataset>_lam2=<lambda2>_seed<seed>, naming --lam1/--bt-on/--free-bits if set")
     add("--resume", action="store_true", help="continue the stopped run in --out, with the same flags")
     add("--evaluate", type=Path, metavar="MODEL_PT", help="measure a run's model.pt with its settings instead of training")
     return p
@@ -762,7 +762,10 @@ def parse_config(argv):
         raise UsageError(f"--fid-weights {cfg.fid_weights} are not PyTorch weights ({first_line(error)}); pass "
                          "torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or leave the flag out") from None
     cfg.cache_dir = cfg.cache_dir or cfg.data_dir / "btvae_cache"
-    cfg.out = cfg.out or Path("runs", *["evaluate"] * bool(cfg.evaluate), f"{cfg.dataset}_lam2={cfg.lam2:g}_seed{cfg.seed}")
+    baseline = [f"{k.replace('_', '-')}={getattr(cfg, k)}" for k in ("lam1", "bt_on", "free_bits")
+                if getattr(cfg, k) != build_parser().get_default(k)]  # so that a baseline never shares the VAE's folder
+    name = "_".join([cfg.dataset, f"lam2={cfg.lam2:g}", *baseline, f"seed{cfg.seed}"])
+    cfg.out = cfg.out or Path("runs", *["evaluate"] * bool(cfg.evaluate), name)
     if cfg.out.exists() and not cfg.out.is_dir():
         raise UsageError(f"--out {cfg.out} is a file; name a folder (new or holding this run) instead")
     return cfg
@@ -821,13 +824,12 @@ def resume(path, model, cfg):
     model.load_state_dict(checkpoint["model"])
     training = Training.start(model, cfg)
     training.optimiser.load_state_dict(checkpoint["optimiser"])
-    vars(training).update(checkpoint["early_stopping"])
+    vars(training).update(checkpoint["early_stopping"], epoch=len(checkpoint["history"]),
+                          **{k: checkpoint[k] for k in ("finished", "stopped_early")})
     training.shuffle.set_state(checkpoint["shuffle_rng"])
     torch.set_rng_state(checkpoint["torch_rng"])
     for index, state in enumerate(checkpoint["cuda_rng"][:torch.cuda.device_count()]):  # this machine may have fewer
         torch.cuda.set_rng_state(state, index)
-    training.epoch, training.finished, training.stopped_early = (len(checkpoint["history"]), checkpoint["finished"],
-                                                                 checkpoint["stopped_early"])
     return checkpoint["history"], training
 
 class TrainingDiverged(Exception):  # a NaN loss: the run stops, keeping what it has
@@ -908,8 +910,7 @@ def epoch_recorder(cfg, model, history):
 def summary(training, history):  # metrics.json's account of the training
     best = history[training.best_epoch - 1]
     return {"best_val_loss": training.best_loss, "best_epoch": training.best_epoch,
-            # the run's place in the rate-distortion plane: the kept epoch's validation KL (nats) and MSE
-            "rate": best["val_kl"], "reconstruction_error": best["val_recon"],
+            "rate": best["val_kl"], "reconstruction_error": best["val_recon"],  # its place in the rate-distortion plane
             "epochs_trained": len(history), "stopped_early": training.stopped_early,
             "train_seconds": history[-1]["elapsed_seconds"],  # and the training passes' throughput:
             "images_per_second": sum(r["train_images"] for r in history) / sum(r["train_loop_seconds"] for r in history)}
