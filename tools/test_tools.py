@@ -615,3 +615,20 @@ def test_report_keeps_the_baselines_out_of_table1_and_answers_the_question_by_th
     assert f"| probe accuracy | 0.93 | 0.0086 | {scipy.stats.spearmanr(rates, probes).statistic:.2f} | " in page  # over the rate
     assert "| rate | 0.93 | 0.0086 | - | - |" in page  # not the rate over itself
     assert (tmp_path / "rate_distortion_mnist.png").is_file()
+    shutil.rmtree(runs / "mnist_lam2=0_lam1=0.00014_seed4")  # the matched level one seed short: no decision yet
+    report.make_report(tmp_path)
+    assert "- BTVAE(0.025) against beta-VAE, lambda1 = 0.00014: not yet: 5 seeds against 4;" in (tmp_path / "baselines.md").read_text()
+
+def test_the_decision_waits_for_5_seeds_a_side_and_needs_a_margin_within_the_reconstruction_allowance():
+    matched, variant = (lambda *a: report.decision(False, *a)), (lambda *a: report.decision(True, *a))
+    assert matched(5, 4, ["probe_accuracy"], 1.0) == ("not yet: 5 seeds against 4; the rule decides at 5 against 5 (the "
+                                                      "tests above are interim).")
+    assert matched(4, 5, ["probe_accuracy"], 1.0).startswith("not yet: 4 seeds against 5;")
+    assert matched(5, 5, [], 1.0) == ("better beyond its margin on none of the three, with a reconstruction error 1.00x: "
+                                      "by the rule, its effect is matched (or beaten) by a weaker KL term.")
+    assert matched(5, 5, ["recall_2048"], 1.10).endswith("1.10x: by the rule, the Barlow Twins term adds something beyond "
+                                                         "a weaker KL term.")
+    assert matched(5, 5, ["recall_2048"], 1.11).endswith("1.11x, more than the rule allows: by the rule, its effect is "
+                                                         "matched (or beaten) by a weaker KL term.")
+    assert variant(5, 5, ["recall_2048"], 1.0).endswith("1.00x: by the rule, the authors' variant is better than BTVAE(0.025).")
+    assert variant(5, 5, ["recall_2048"], 1.11).endswith(": the authors' variant is not found better than BTVAE(0.025).")
