@@ -690,8 +690,7 @@ def evaluate(model, train_split, test_split, cfg):
 
 
 # #####################################################################################################################
-#   A FIRST READING CAN STOP HERE. The method and the experiments are above; what follows makes them a command-line
-#   program: flags, model files and checkpoints (--resume), a run's records, and main().
+#   A FIRST READING CAN STOP HERE. Below: the command line (flags, model files, checkpoints, records, main()).
 # #####################################################################################################################
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -909,10 +908,9 @@ def epoch_recorder(cfg, model, history):
 
 def summary(training, history):  # metrics.json's account of the training
     best = history[training.best_epoch - 1]
-    return {"best_val_loss": training.best_loss, "best_epoch": training.best_epoch,
-            "rate": best["val_kl"], "reconstruction_error": best["val_recon"],  # its place in the rate-distortion plane
-            "epochs_trained": len(history), "stopped_early": training.stopped_early,
-            "train_seconds": history[-1]["elapsed_seconds"],  # and the training passes' throughput:
+    return {"best_val_loss": training.best_loss, "best_epoch": training.best_epoch, "rate": best["val_kl"],
+            "reconstruction_error": best["val_recon"], "epochs_trained": len(history), "stopped_early": training.stopped_early,
+            "train_seconds": history[-1]["elapsed_seconds"],  # rate and error: its place in the rate-distortion plane
             "images_per_second": sum(r["train_images"] for r in history) / sum(r["train_loop_seconds"] for r in history)}
 
 def run(cfg, argv=()):

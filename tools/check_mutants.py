@@ -202,8 +202,8 @@ DEVICES = [  # what only a GPU runs, against the tests on the stand-in GPU
 
 HARNESS = [  # the command line, checkpoints and the records, against the tests outside the classes
     ('rate of the last epoch', 'best = history[training.best_epoch - 1]', 'best = history[-1]'),
-    ('rate and distortion swapped', '"rate": best["val_kl"], "reconstruction_error": best["val_recon"]',
-     '"rate": best["val_recon"], "reconstruction_error": best["val_kl"]'),
+    ('rate from the distortion', '"rate": best["val_kl"],', '"rate": best["val_recon"],'),
+    ('distortion from the rate', '"reconstruction_error": best["val_recon"],', '"reconstruction_error": best["val_kl"],'),
     ('model.pt of every epoch', '        if training.best_epoch == training.epoch:\n            save_model', '        if True:\n            save_model'),
     ('no NaN check', 'if not all(math.isfinite(terms[k]) for terms', 'if False and all(math.isfinite(terms[k]) for terms'),
     ('torch generator not restored', '    torch.set_rng_state(checkpoint["torch_rng"])\n', ''),
