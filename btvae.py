@@ -908,9 +908,9 @@ def epoch_recorder(cfg, model, history):
 
 def summary(training, history):  # metrics.json's account of the training
     best = history[training.best_epoch - 1]
-    return {"best_val_loss": training.best_loss, "best_epoch": training.best_epoch, "rate": best["val_kl"],
-            "reconstruction_error": best["val_recon"], "epochs_trained": len(history), "stopped_early": training.stopped_early,
-            "train_seconds": history[-1]["elapsed_seconds"],  # rate and error: its place in the rate-distortion plane
+    return {"best_val_loss": training.best_loss, "best_epoch": training.best_epoch, "epochs_trained": len(history),
+            "rate": best["val_kl"], "reconstruction_error": best["val_recon"],  # its place in the rate-distortion plane
+            "stopped_early": training.stopped_early, "train_seconds": history[-1]["elapsed_seconds"],
             "images_per_second": sum(r["train_images"] for r in history) / sum(r["train_loop_seconds"] for r in history)}
 
 def run(cfg, argv=()):
