@@ -727,6 +727,7 @@ def build_parser():
     add("--evaluate", type=Path, metavar="MODEL_PT", help="measure a run's model.pt with its settings instead of training")
     return p
 
+DEFAULTS = vars(build_parser().parse_args([]))  # what a flag left out means (also in a checkpoint that predates it)
 MINIMUMS = {"lam1": 0, "delta": 0, "free_bits": 0, "latent_dim": 1, "image_size": 1, "batch_size": 2, "epochs": 1,
             "patience": 1, "seed": 0, "subset": 2, "fid_samples": 0}  # 2 images: what BatchNorm needs
 # --evaluate takes these from the model file: its data (for the probe and the mixture), seed, objective and network
@@ -762,7 +763,7 @@ def parse_config(argv):
                          "torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or leave the flag out") from None
     cfg.cache_dir = cfg.cache_dir or cfg.data_dir / "btvae_cache"
     baseline = [f"{k.replace('_', '-')}={getattr(cfg, k)}" for k in ("lam1", "bt_on", "free_bits")
-                if getattr(cfg, k) != build_parser().get_default(k)]  # so that a baseline never shares the VAE's folder
+                if getattr(cfg, k) != DEFAULTS[k]]  # so that a baseline never shares the VAE's folder
     name = "_".join([cfg.dataset, f"lam2={cfg.lam2:g}", *baseline, f"seed{cfg.seed}"])
     cfg.out = cfg.out or Path("runs", *["evaluate"] * bool(cfg.evaluate), name)
     if cfg.out.exists() and not cfg.out.is_dir():
@@ -812,7 +813,7 @@ def resume(path, model, cfg):
     unreadable or foreign one, or one of a run with other settings (a setting it predates had its default)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        then = {k: checkpoint["settings"].get(k, build_parser().get_default(k)) for k in settings(cfg, True)}
+        then = {k: checkpoint["settings"].get(k, DEFAULTS[k]) for k in settings(cfg, True)}
     except Exception as error:
         raise UsageError(f"--resume: {path} is not a checkpoint of this run ({first_line(error)}); delete the "
                          "folder to start the run over") from None
