@@ -976,19 +976,19 @@ def test_evaluate_measures_a_saved_model_exactly_as_its_run_did_with_the_setting
     assert all((evaluation / name).read_bytes() == (run / name).read_bytes()
                for name in ("samples.png", "samples_gmm.png", "reconstructions.png"))
     assert "evaluating" in capsys.readouterr().out
+    saved = torch.load(run / "model.pt", weights_only=True)  # as if saved before --free-bits: it had its default
+    torch.save({**saved, "config": {k: v for k, v in saved["config"].items() if k != "free_bits"}}, run / "model.pt")
     cfg = config("--evaluate", run / "model.pt", "--data-dir", mnist_with_stand_in_fid[1])
-    assert (cfg.lam2, cfg.seed, cfg.bt_on, cfg.hidden_dims, cfg.epochs) == (0.25, 3, "z", (16, 32), 4)
+    assert (cfg.lam2, cfg.seed, cfg.bt_on, cfg.hidden_dims, cfg.epochs, cfg.free_bits) == (0.25, 3, "z", (16, 32), 4, 0.0)
     assert cfg.out == Path("runs/evaluate/mnist_lam2=0.25_bt-on=z_seed3")  # a baseline's folder names what differs:
     assert config("--lam2", "0", "--lam1", "7.9e-5", "--free-bits", ".05").out == Path("runs/mnist_lam2=0_lam1=7.9e-05_free-bits=0.05_seed0")
 
 EVALUATE_BAD_INPUT = {
-    "truncated": "model.pt is not a model.pt of btvae.py",
-    "missing": "model.pt does not exist; pass a run's model.pt",
+    "truncated": "model.pt is not a model.pt of btvae.py", "missing": "model.pt does not exist; pass a run's model.pt",
     "another architecture": "model.pt: its weights do not fit its architecture (Error(s) in loading state_dict",
     "a training flag": "--epochs cannot be used with --evaluate", "resume": "--resume cannot be used with --evaluate",
     "out holds results": "already holds results; choose another --out",
-    "out holds a training run": "already holds a run; choose another --out for this evaluation",
-}
+    "out holds a training run": "already holds a run; choose another --out for this evaluation"}
 
 @pytest.mark.parametrize("damage", EVALUATE_BAD_INPUT, ids=list(EVALUATE_BAD_INPUT))
 def test_evaluate_bad_input_is_one_short_line_exit_2(damage, tmp_path, capsys):
