@@ -744,7 +744,7 @@ def parse_config(argv):
             raise UsageError(f"--{refused[0].replace('_', '-')} cannot be used with --evaluate, which measures the "
                              "model with the settings it was trained with")
         trained = load_model(cfg.evaluate)[1]
-        vars(cfg).update({k: trained.get(k, DEFAULTS[k]) for k in TRAINING_SETTINGS})  # one it predates had its default
+        vars(cfg).update({k: trained.get(k, DEFAULTS[k]) for k in TRAINING_SETTINGS})  # one model.pt predates: its default
     for name, minimum in MINIMUMS.items():
         if getattr(cfg, name) is not None and not getattr(cfg, name) >= minimum:  # not >=: NaN fails too
             raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(cfg, name)}")
