@@ -888,9 +888,9 @@ def baseline_groups(runs):
 def matched_level(arms):
     """The beta-VAE level (lambda1 below the VAE's) whose seed 0's rate is nearest BTVAE(0.025)'s mean over its
     seeds 0-2, and whether it is within MATCH_TOLERANCE; None before both are measured."""
-    rated = lambda run: "rate" in run["metrics"]  # noqa: E731  (a run of code from before issue 37 has none)
-    btvae_rates = [r["metrics"]["rate"] for r in arms.get("BTVAE(0.025)", []) if r["seed"] <= 2 and rated(r)]
-    levels = {name: next((r["metrics"]["rate"] for r in group if r["seed"] == 0 and rated(r)), None)
+    btvae_rates = [r["metrics"].get("rate") for r in arms.get("BTVAE(0.025)", []) if r["seed"] <= 2]
+    btvae_rates = [rate for rate in btvae_rates if rate is not None]  # runs of code older than the rate have none
+    levels = {name: next((r["metrics"].get("rate") for r in group if r["seed"] == 0), None)
               for name, group in arms.items() if name.startswith("beta-VAE")}
     levels = {name: rate for name, rate in levels.items() if rate is not None}
     if not btvae_rates or not levels:
